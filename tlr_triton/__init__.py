@@ -1,0 +1,13 @@
+"""tlr-triton: SGD that trains its own learning rate (TLR), as a torch.optim optimizer.
+
+    from tlr_triton import TLR
+    opt = TLR(model.parameters(), momentum=0.8, weight_decay=5e-4)
+
+``tlr_triton.reference`` holds the readable float64 reference and the paper's baselines.
+"""
+
+from .functional import tlr
+from .optimizer import TLR
+
+__all__ = ["TLR", "tlr"]
+__version__ = "0.1.0"

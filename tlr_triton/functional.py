@@ -1,0 +1,261 @@
+"""The functional core of TLR: one entry point, ``tlr()``, and the PyTorch path behind it.
+
+The math is ``SPEC.md`` (paper Algorithm 2 with the Section 4 window). Per step, for the
+tensors of one parameter group that have a gradient::
+
+    u = s·(g + λ·w)                       s = -1 with maximize, else +1
+    d = u, or momentum applied to u       (b = u first, then b = μ·b + (1-τ)·u)
+    A += u  (statistic "gradient")  or  A += d  (statistic "direction")
+    if the step closes a window:          per α-scope, α ← α·(1 + r(⟨A,P⟩, ‖A‖², c))
+        P ← A;  A ← 0
+    w ← w - α·d                           with the α just updated (Algorithm 2's order)
+
+Nothing here reads a device value on the host: α, the dot products and the Newton
+factor stay tensors, so a step never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["tlr", "newton_factor", "state_dtype"]
+
+# α is stored in float32; a product that leaves the normal float32 range is refused
+# (α keeps its old value), so α is never 0, subnormal, inf or NaN.
+_ALPHA_TINY = torch.finfo(torch.float32).tiny
+_ALPHA_MAX = torch.finfo(torch.float32).max
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """dtype of every state buffer of a parameter: fp32, or the parameter's if wider."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
+    """1 + r with r = dot / max(4·(sq - dot), dot / c), elementwise (SPEC, paper Eq. 9).
+
+    r := 0 where the denominator is not positive (only sq = dot = 0) or r is not finite
+    (inf/NaN gradients), so the factor lies in (3/4, 1 + c].
+    """
+    denom = torch.maximum(4.0 * (sq - dot), dot / bound)
+    r = dot / denom
+    r = torch.where((denom > 0) & torch.isfinite(r), r, torch.zeros_like(r))
+    return 1.0 + r
+
+
+def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float) -> None:
+    """α_s ← α_s·(1 + r_s) in place, for the scopes whose statistics are dots[s], sqs[s]."""
+    old = torch.stack(alphas).to(dots.dtype)
+    new = old * newton_factor(dots, sqs, bound)
+    ok = torch.isfinite(new) & (new >= _ALPHA_TINY) & (new <= _ALPHA_MAX)
+    new = torch.where(ok, new, old)
+    torch._foreach_copy_(alphas, list(new.to(torch.float32).unbind(0)))
+
+
+def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-tensor ⟨A, P⟩ and ‖A‖², as two vectors (one entry per tensor).
+
+    torch has no multi-tensor dot product; this loop runs only on window-closing steps
+    (once every `window` steps). Window sums are contiguous, so view(-1) is free.
+    """
+    flat = [a.view(-1) for a in window_sums]
+    dots = torch.stack([torch.dot(a, p.view(-1)) for a, p in zip(flat, prev_window_sums)])
+    sqs = torch.stack([torch.dot(a, a) for a in flat])
+    return dots, sqs
+
+
+def _directions(params, grads, momentum_buffers, *, momentum, dampening, weight_decay, nesterov, maximize):
+    """Return (u, d) for one bucket and advance the momentum buffers in place.
+
+    u = s·(g + λ·w); d is u after momentum (SPEC). Neither aliases ``p.grad`` when it
+    will be written to; new momentum buffers are stored into ``momentum_buffers``.
+    """
+    if maximize:
+        u = torch._foreach_neg(grads)
+        if weight_decay != 0:
+            torch._foreach_add_(u, params, alpha=-weight_decay)
+    elif weight_decay != 0:
+        u = torch._foreach_add(grads, params, alpha=weight_decay)
+    else:
+        u = list(grads)  # read-only below
+    if momentum == 0:
+        return u, u
+    old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+    for i, b in enumerate(momentum_buffers):
+        if b is None:  # first step of this tensor: b = u
+            momentum_buffers[i] = u[i].detach().clone(memory_format=torch.contiguous_format)
+    if old:
+        bufs = [momentum_buffers[i] for i in old]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, [u[i] for i in old], alpha=1.0 - dampening)
+    if nesterov:
+        return u, torch._foreach_add(u, momentum_buffers, alpha=momentum)
+    return u, list(momentum_buffers)
+
+
+def _fused_ok(params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether torch's fused SGD kernel can move this bucket.
+
+    Measured with torch 2.13 on CPU: the fused kernel writes non-contiguous parameters
+    as if they were contiguous (corrupting the storage) and gives wrong bf16/fp16
+    updates, so it is used only for contiguous fp32/fp64 tensors on CPU and CUDA.
+    """
+    p = params[0]
+    return (
+        p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.float64)
+        and all(t.is_contiguous() for t in params)
+        and all(g.is_contiguous() and g.dtype == p.dtype for g in grads)
+    )
+
+
+def _buckets(params: list[Tensor]) -> list[list[int]]:
+    """Indices of the tensors of each (device, dtype), in first-seen order."""
+    out: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        out.setdefault((p.device, p.dtype), []).append(i)
+    return list(out.values())
+
+
+def tlr(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    window_sums: list[Tensor],
+    prev_window_sums: list[Tensor],
+    alphas: list[Tensor],
+    *,
+    closes_window: bool,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    bound: float,
+    statistic: str,
+    scope: str,
+    backend: str = "torch",
+) -> None:
+    """One TLR step for the tensors of one parameter group (see the module docstring).
+
+    Args:
+        params, grads: the tensors that have a gradient, and their gradients.
+        momentum_buffers: one entry per tensor, ``None`` before its first step; new
+            buffers are written into this list (the caller stores them).
+        window_sums, prev_window_sums: A and P, contiguous, in ``state_dtype``.
+        alphas: float32 0-dim tensors, updated in place: one (scope "group") or one per
+            tensor (scope "tensor").
+        closes_window: whether this step is the last of a window (updates α).
+    """
+    if backend != "torch":
+        raise NotImplementedError(f"backend={backend!r} is not implemented yet; use backend='torch'")
+    if not params:
+        return
+    if scope == "group" and len(alphas) != 1:
+        raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
+    if scope == "tensor" and len(alphas) != len(params):
+        raise ValueError(f"scope 'tensor' takes one alpha per tensor, got {len(alphas)} for {len(params)}")
+    kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+    sign = -1.0 if maximize else 1.0
+    movers = []  # weight updates, run after α has been updated
+
+    for idx in _buckets(params):
+        b_params = [params[i] for i in idx]
+        b_grads = [grads[i] for i in idx]
+        b_bufs = [momentum_buffers[i] for i in idx]
+        b_sums = [window_sums[i] for i in idx]
+        b_alphas = alphas * len(idx) if scope == "group" else [alphas[i] for i in idx]
+        half = b_params[0].dtype not in (torch.float32, torch.float64)
+
+        if half:
+            # Compute in fp32 (state is fp32 too) and round once into the parameter.
+            work_params = [p.float() for p in b_params]
+            work_grads = [g.float() for g in b_grads]
+        else:
+            work_params, work_grads = b_params, b_grads
+
+        needs_d_first = statistic == "direction" and momentum != 0
+        if scope == "group" and not needs_d_first and not half and _fused_ok(b_params, b_grads):
+            # Hot path: A += s·g + s·λ·w, then torch's fused SGD kernel with α as a
+            # tensor moves the weights (and momentum) in one pass, after α is updated.
+            torch._foreach_add_(b_sums, b_grads, alpha=sign)
+            if weight_decay != 0:
+                torch._foreach_add_(b_sums, b_params, alpha=sign * weight_decay)
+            movers.append(_fused_mover(b_params, b_grads, b_bufs, momentum_buffers, idx, b_alphas[0], kw))
+            continue
+
+        u, d = _directions(work_params, work_grads, b_bufs, **kw)
+        for j, i in enumerate(idx):
+            momentum_buffers[i] = b_bufs[j]
+        torch._foreach_add_(b_sums, u if statistic == "gradient" else d)
+        movers.append(_foreach_mover(b_params, work_params, d, b_alphas, half))
+
+    if closes_window:
+        _close_window(window_sums, prev_window_sums, alphas, scope, bound)
+    for move in movers:
+        move()
+
+
+def _close_window(window_sums, prev_window_sums, alphas, scope, bound) -> None:
+    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖², then P ← A and A ← 0."""
+    dots, sqs = [], []
+    for idx in _buckets(window_sums):
+        d, s = _dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx])
+        dots.append((idx, d))
+        sqs.append(s)
+    acc = torch.float64 if any(d.dtype == torch.float64 for _, d in dots) else torch.float32
+    if scope == "group":
+        dot = torch.stack([d.to(acc).sum() for _, d in dots])
+        sq = torch.stack([s.to(acc).sum() for s in sqs])
+        _update_alphas(alphas, dot.sum().reshape(1), sq.sum().reshape(1), bound)
+    else:
+        for (idx, d), s in zip(dots, sqs):
+            _update_alphas([alphas[i] for i in idx], d.to(acc), s.to(acc), bound)
+    torch._foreach_copy_(prev_window_sums, window_sums)
+    torch._foreach_zero_(window_sums)
+
+
+def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):
+    momentum = kw["momentum"]
+    # SPEC's maximize negates all of g + λ·w; torch's negates only g. Negating λ too
+    # makes the kernel's (-g) + (-λ)·w equal -(g + λ·w).
+    wd = -kw["weight_decay"] if kw["maximize"] else kw["weight_decay"]
+    if momentum == 0:
+        parts = [(list(range(len(params))), False)]
+    else:
+        fresh = [j for j, b in enumerate(bufs) if b is None]
+        for j in fresh:
+            bufs[j] = torch.empty_like(params[j])
+            momentum_buffers[idx[j]] = bufs[j]
+        old = sorted(set(range(len(params))) - set(fresh))
+        parts = [(fresh, True), (old, False)]
+
+    def move():
+        for js, first in parts:
+            if not js:
+                continue
+            torch._fused_sgd_(
+                [params[j] for j in js],
+                [grads[j] for j in js],
+                [bufs[j] for j in js] if momentum != 0 else [],
+                weight_decay=wd,
+                momentum=momentum,
+                lr=alpha,
+                dampening=kw["dampening"],
+                nesterov=kw["nesterov"],
+                maximize=kw["maximize"],
+                is_first_step=first,
+            )
+
+    return move
+
+
+def _foreach_mover(params, work_params, directions, alphas, half):
+    def move():
+        # w ← w - α·d with α a device tensor: addcmul takes it without a host read.
+        torch._foreach_addcmul_(work_params, directions, alphas, value=-1.0)
+        if half:
+            torch._foreach_copy_(params, work_params)
+
+    return move

@@ -1,0 +1,352 @@
+"""``TLR``: SGD that trains its own learning rate, as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import state_dtype, tlr
+
+__all__ = ["TLR", "check_hyperparameters"]
+
+SCOPES = ("group", "tensor")
+STATISTICS = ("gradient", "direction")
+BACKENDS = ("auto", "torch", "triton")
+
+# State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
+# load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
+_STATE_KEYS = ("momentum_buffer", "window_sum", "prev_window_sum", "alpha")
+
+
+def _finite_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}: {value!r} (expected a real number)")
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
+
+
+def check_hyperparameters(
+    *,
+    lr=None,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    bound,
+    window,
+    scope,
+    statistic,
+    maximize,
+    backend="torch",
+) -> None:
+    """Raise ValueError/TypeError naming the first invalid hyper-parameter.
+
+    ``lr`` may be a float or a 1-element tensor (read here, at construction: never in
+    ``step()``); pass ``lr=None`` to skip it.
+    """
+    if lr is not None:
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+            if lr.is_complex() or not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"Invalid learning rate: tensor of dtype {lr.dtype}")
+            value = float(lr.detach().cpu())
+        else:
+            value = _finite_number("learning rate", lr)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"Invalid learning rate: {value}")
+    m = _finite_number("momentum value", momentum)
+    if not 0.0 <= m < 1.0:
+        raise ValueError(f"Invalid momentum value: {momentum} (TLR needs 0 <= momentum < 1)")
+    d = _finite_number("dampening value", dampening)
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"Invalid dampening value: {dampening} (expected 0 <= dampening <= 1)")
+    if _finite_number("weight_decay value", weight_decay) < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"Invalid nesterov: {nesterov!r} (expected a bool)")
+    if nesterov and (m <= 0 or d != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if _finite_number("bound", bound) <= 0.0:
+        raise ValueError(f"Invalid bound: {bound} (the paper's c must be > 0)")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"Invalid window: {window!r} (expected an int number of steps)")
+    if window < 1:
+        raise ValueError(f"Invalid window: {window} (expected >= 1 step)")
+    if scope not in SCOPES:
+        raise ValueError(f"Invalid scope: {scope!r} (expected one of {SCOPES})")
+    if statistic not in STATISTICS:
+        raise ValueError(f"Invalid statistic: {statistic!r} (expected one of {STATISTICS})")
+    if not isinstance(maximize, bool):
+        raise TypeError(f"Invalid maximize: {maximize!r} (expected a bool)")
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
+    if backend == "triton":
+        raise NotImplementedError(
+            "backend='triton' is not available yet: the Triton kernels are the next milestone. "
+            "Use backend='auto' or 'torch'."
+        )
+
+
+def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    keys = ("momentum", "dampening", "weight_decay", "nesterov", "bound", "window", "scope", "statistic", "maximize", "backend")
+    return {k: group[k] for k in keys}
+
+
+class TLR(Optimizer):
+    r"""SGD whose learning rate α is trained by a Newton step on the line-search loss.
+
+    TLR ("Trainable Learning Rate", ICLR 2022 submission) treats α as a parameter of
+    L_α(α) = L(w - α·∇L(w)). Both derivatives in α come from two consecutive gradients,
+    so the Newton step costs one inner product and one squared norm. Minibatch noise is
+    averaged by summing the update statistic over a window of ``window`` steps (the
+    paper's Section 4) and updating α once per window::
+
+        for every step t, for the parameters p of a group that have a gradient:
+            u = g + λ·w                                 (negated with maximize)
+            d = u, or with momentum: b = u (first step) | μ·b + (1-τ)·u;  d = b | u + μ·b (nesterov)
+            A += u  (statistic="gradient")  |  A += d  (statistic="direction", the paper's)
+            if (t + 1) % window == 0:                   (t counts step() calls)
+                for each α-scope s (the group, or each tensor):
+                    dot, sq = Σ⟨A, P⟩, Σ‖A‖² over the tensors of s
+                    r = dot / max(4·(sq - dot), dot / c)   (r := 0 if not finite or 0/0)
+                    α_s = α_s · (1 + r)                    (grows ≤ (1+c)x, shrinks < 25%)
+                P = A;  A = 0
+            w = w - α_s·d                               (the new α, as in Algorithm 2)
+
+    Args:
+        params: parameters or parameter groups (any hyper-parameter may differ per group).
+        lr: the initial α (float or 1-element tensor). TLR adapts it, so it matters
+            little (see the README's robustness table).
+        momentum, dampening, weight_decay, nesterov: as in :class:`torch.optim.SGD`,
+            except ``maximize`` (below).
+        bound: the paper's c, the largest relative growth of α per window.
+        window: steps per α update (W). The paper uses p·N, a fraction p of an epoch of
+            N steps: ``window=max(1, round(0.33 * len(train_loader)))``.
+        scope: ``"group"``, one α per param group (the paper's ``sgd_tlr``), or
+            ``"tensor"``, one α per parameter tensor (``sgd_tlr_pl``).
+        statistic: ``"gradient"`` sums g + λ·w (default), ``"direction"`` sums the
+            directions taken, (w_t - w_{t-W})/α, as the paper's code does; with momentum
+            the latter is biased upwards and can diverge (SPEC.md).
+        maximize: maximise the objective. Unlike torch's SGD, the whole of g + λ·w is
+            negated (SPEC), so weight decay then pushes weights away from zero.
+        backend: ``"auto"`` (the PyTorch path for now), ``"torch"``, or ``"triton"``
+            (the fused kernels; not available yet).
+
+    Where α lives: with scope ``"group"``, ``group["lr"]`` is the group's live α, a 0-dim
+    float32 tensor on the parameters' device updated in place (``float(group["lr"])``
+    reads it). With scope ``"tensor"``, each tensor's α is ``optimizer.state[p]["alpha"]``
+    and ``group["lr"]`` is the α a tensor starts from. ``group["step"]`` counts steps.
+
+    Parameters whose ``grad`` is None are skipped: their state is untouched, they add
+    nothing to the window statistics, and a window closing without them leaves their
+    window sums to the next window. Zero-size parameters are skipped too.
+
+    ``step()`` never reads a device value on the host. State (momentum, window sums,
+    α) is fp32 for fp16/bf16 parameters, and their update is computed in fp32.
+
+    Example:
+        >>> opt = TLR(model.parameters(), lr=0.01, momentum=0.8, weight_decay=5e-4)
+        >>> for x, y in loader:
+        ...     opt.zero_grad()
+        ...     loss_fn(model(x), y).backward()
+        ...     opt.step()
+        >>> float(opt.param_groups[0]["lr"])   # the current α
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 0.01,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        bound: float = 0.25,
+        window: int = 10,
+        scope: str = "group",
+        statistic: str = "gradient",
+        maximize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            bound=bound,
+            window=window,
+            scope=scope,
+            statistic=statistic,
+            maximize=maximize,
+            backend=backend,
+        )
+        check_hyperparameters(**defaults)  # before super().__init__, so nothing is built on bad input
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            return super().add_param_group(param_group)  # raises torch's TypeError
+        group = dict(param_group)  # the caller's dict is never modified
+        if not isinstance(group.get("params"), (Tensor, set)):
+            group["params"] = list(group["params"])
+        merged = {**self.defaults, **group}
+        check_hyperparameters(**{k: merged[k] for k in ("lr", *_hyperparameters(merged))})
+        tensors = [p[1] if isinstance(p, tuple) else p for p in ([group["params"]] if isinstance(group["params"], Tensor) else group["params"])]
+        for i, p in enumerate(tensors):
+            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
+                raise TypeError(
+                    f"TLR optimizes real floating-point tensors; parameter {i} of the new group has dtype {p.dtype}"
+                )
+        devices = {p.device for p in tensors if isinstance(p, Tensor)}
+        if merged["scope"] == "group" and len(devices) > 1:
+            raise ValueError(
+                f"scope='group' shares one α across the group, but its parameters are on several devices "
+                f"{sorted(map(str, devices))}; use one group per device or scope='tensor'"
+            )
+        super().add_param_group(group)  # torch's checks (non-leaf, duplicates, overlap)
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        group["lr"] = self._alpha_tensor(merged["lr"], device)
+        group.setdefault("step", 0)
+
+    @staticmethod
+    def _alpha_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+        """A fresh 0-dim float32 α on ``device`` (never the caller's tensor: α is updated in place)."""
+        if isinstance(lr, Tensor):
+            return lr.detach().reshape(()).to(device=device, dtype=torch.float32, copy=True)
+        return torch.tensor(float(lr), dtype=torch.float32, device=device)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Fill in entries added after a checkpoint was written, so older dicts still load.
+        defaults = dict(bound=0.25, window=10, scope="group", statistic="gradient", maximize=False, backend="auto")
+        for key, value in defaults.items():
+            self.defaults.setdefault(key, value)
+        for group in self.param_groups:
+            for key in defaults:
+                group.setdefault(key, self.defaults[key])
+            group.setdefault("step", 0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``; the given dict is not modified.
+
+        torch's loader casts every floating-point state tensor to its parameter's dtype,
+        which would round fp32 state of bf16 parameters; TLR moves these entries itself.
+        """
+        state_dict = dict(state_dict)
+        kept: dict[Any, dict[str, Tensor]] = {}
+        state = {}
+        for key, entry in state_dict["state"].items():
+            entry = dict(entry)
+            kept[key] = {k: entry.pop(k) for k in _STATE_KEYS if isinstance(entry.get(k), Tensor)}
+            state[key] = entry
+        state_dict["state"] = state
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for k, value in kept.get(saved_id, {}).items():
+                dtype = torch.float32 if k == "alpha" else state_dtype(p.dtype)
+                self.state[p][k] = value.to(device=p.device, dtype=dtype, copy=True)
+        for group in self.param_groups:
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group["lr"] = self._alpha_tensor(group["lr"], device)
+
+    # ------------------------------------------------------------------ step
+    def _check_group(self, index: int, group: dict[str, Any]) -> None:
+        """Everything step() can reject, checked before any tensor is modified."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # its value is not read: that would synchronise
+            if lr.numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)} in group {index}")
+            lr = None
+        check_hyperparameters(lr=lr, **_hyperparameters(group))
+        devices = set()
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(f"TLR optimizes real floating-point tensors; parameter {i} of group {index} is {p.dtype}")
+            devices.add(p.device)
+        if group["scope"] == "group" and len(devices) > 1:
+            raise RuntimeError(
+                f"scope='group' shares one α across group {index}, but its parameters are on several devices "
+                f"{sorted(map(str, devices))}"
+            )
+
+    def _init_group(self, group: dict[str, Any]):
+        """Gather the tensors with a gradient and create their state lazily."""
+        params, grads, bufs, sums, prev_sums, alphas = [], [], [], [], [], []
+        device = None
+        for p in group["params"]:
+            if p.grad is None or p.numel() == 0:
+                continue
+            device = p.device
+            state = self.state[p]
+            if "window_sum" not in state:
+                dtype = state_dtype(p.dtype)
+                state["window_sum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+                state["prev_window_sum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(state.get("momentum_buffer"))
+            sums.append(state["window_sum"])
+            prev_sums.append(state["prev_window_sum"])
+        lr = group["lr"]
+        if device is not None and not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
+            group["lr"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
+        if group["scope"] == "group":
+            alphas = [lr]
+        else:
+            for p in params:
+                state = self.state[p]
+                if "alpha" not in state or state["alpha"].device != p.device:
+                    state["alpha"] = self._alpha_tensor(state.get("alpha", lr), p.device)
+                alphas.append(state["alpha"])
+        return params, grads, bufs, sums, prev_sums, alphas
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self._check_group(index, group)
+        for group in self.param_groups:
+            params, grads, bufs, sums, prev_sums, alphas = self._init_group(group)
+            tlr(
+                params,
+                grads,
+                bufs,
+                sums,
+                prev_sums,
+                alphas,
+                closes_window=(group["step"] + 1) % group["window"] == 0,
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                bound=group["bound"],
+                statistic=group["statistic"],
+                scope=group["scope"],
+                backend="torch",
+            )
+            if group["momentum"] != 0:
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
+            group["step"] += 1
+        return loss

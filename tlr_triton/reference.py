@@ -1,0 +1,224 @@
+"""Readable reference implementations: the ground truth the fast paths are tested against.
+
+- ``ReferenceTLR``: SPEC.md written out tensor by tensor, computed in float64. It
+  stores α rounded to float32 after each update, as ``TLR`` does (α is a float32
+  tensor there), and rounds weights to the parameter's dtype after each step.
+- ``NaiveTLR``: the paper's Algorithm 1 (a second forward–backward pass per step).
+- ``HypergradientSGD``: the fixed-meta-rate rule of Appendix D.4 (Baydin et al., 2018).
+
+All three are slow on purpose: plain Python loops, host reads, no fused kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from .optimizer import check_hyperparameters
+
+__all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
+
+_TINY = torch.finfo(torch.float32).tiny
+_MAX = torch.finfo(torch.float32).max
+
+
+def newton_factor(dot: float, sq: float, bound: float) -> float:
+    """1 + r, r = dot / max(4·(sq - dot), dot / c); r := 0 for a non-positive denominator or non-finite r."""
+    denom = max(4.0 * (sq - dot), dot / bound)
+    if not denom > 0:  # also catches NaN
+        return 1.0
+    r = dot / denom
+    return 1.0 + r if math.isfinite(r) else 1.0
+
+
+def next_alpha(alpha: float, dot: float, sq: float, bound: float) -> float:
+    """α·(1 + r), rounded to float32; the old α if the product leaves float32's normal range."""
+    new = alpha * newton_factor(dot, sq, bound)
+    if not (math.isfinite(new) and _TINY <= new <= _MAX):
+        return alpha
+    return _f32(new)
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+class ReferenceTLR(Optimizer):
+    """SPEC.md, one tensor at a time, in float64. Same arguments as ``TLR`` (no backend).
+
+    ``group["lr"]`` (scope "group") and ``state[p]["alpha"]`` (scope "tensor") are
+    Python floats here; the other state entries are float64 tensors.
+    """
+
+    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 bound=0.25, window=10, scope="group", statistic="gradient", maximize=False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        bound=bound, window=window, scope=scope, statistic=statistic, maximize=maximize)
+        check_hyperparameters(**defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["lr"] = _f32(float(group["lr"]))  # TLR stores α in float32
+        group.setdefault("step", 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group):
+        mu, tau, lam = group["momentum"], group["dampening"], group["weight_decay"]
+        live = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+        directions = {}
+        for p in live:
+            st = self.state[p]
+            w = p.detach().double()
+            g = p.grad.detach().double()
+            if "window_sum" not in st:
+                st["window_sum"] = torch.zeros_like(w)
+                st["prev_window_sum"] = torch.zeros_like(w)
+            if group["scope"] == "tensor" and "alpha" not in st:
+                st["alpha"] = group["lr"]
+            u = g + lam * w
+            if group["maximize"]:
+                u = -u
+            d = u
+            if mu != 0:
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = u.clone()
+                else:
+                    st["momentum_buffer"] = mu * st["momentum_buffer"] + (1 - tau) * u
+                b = st["momentum_buffer"]
+                d = u + mu * b if group["nesterov"] else b
+            st["window_sum"] = st["window_sum"] + (u if group["statistic"] == "gradient" else d)
+            directions[p] = d
+
+        if (group["step"] + 1) % group["window"] == 0:
+            scopes = [live] if group["scope"] == "group" else [[p] for p in live]
+            for tensors in scopes:
+                dot = sum(float((self.state[p]["window_sum"] * self.state[p]["prev_window_sum"]).sum()) for p in tensors)
+                sq = sum(float((self.state[p]["window_sum"] ** 2).sum()) for p in tensors)
+                if group["scope"] == "group":
+                    group["lr"] = next_alpha(group["lr"], dot, sq, group["bound"])
+                else:
+                    st = self.state[tensors[0]]
+                    st["alpha"] = next_alpha(st["alpha"], dot, sq, group["bound"])
+            for p in live:
+                st = self.state[p]
+                st["prev_window_sum"] = st["window_sum"]
+                st["window_sum"] = torch.zeros_like(st["window_sum"])
+
+        for p in live:
+            alpha = group["lr"] if group["scope"] == "group" else self.state[p]["alpha"]
+            p.copy_(p.double() - alpha * directions[p])
+        group["step"] += 1
+
+
+def _sgd_direction(state, d, group):
+    """torch SGD's direction for the gradient d (weight decay already in): momentum, nesterov."""
+    if group["momentum"] == 0:
+        return d
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = d.clone()
+    else:
+        state["momentum_buffer"].mul_(group["momentum"]).add_(d, alpha=1 - group["dampening"])
+    b = state["momentum_buffer"]
+    return d + group["momentum"] * b if group["nesterov"] else b.clone()
+
+
+class NaiveTLR(Optimizer):
+    """The paper's Algorithm 1: α ← α - η·∂L_α/∂α by a second forward–backward pass.
+
+    Each ``step(closure)`` evaluates the loss and gradient at w (g), then at the trial
+    point w - α·d (h), where d is the SGD direction (weight decay and momentum as in
+    torch's SGD); ∂L_α/∂α = -⟨h, d⟩, so α ← α + η·⟨h, d⟩; then w ← w - α·d with the
+    new α. Needs a closure that zeroes the gradients, runs forward and backward and
+    returns the loss. Two passes per step; α is one Python float per group.
+    """
+
+    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 meta_lr=1e-3):
+        check_hyperparameters(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                              nesterov=nesterov, bound=1.0, window=1, scope="group", statistic="gradient",
+                              maximize=False)
+        if not (math.isfinite(meta_lr) and meta_lr >= 0):
+            raise ValueError(f"Invalid meta_lr: {meta_lr}")
+        super().__init__(params, dict(lr=float(lr), momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov, meta_lr=meta_lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            raise RuntimeError("NaiveTLR needs a closure: it evaluates the loss a second time at w - α·d")
+        with torch.enable_grad():
+            loss = closure()
+        saved = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = _sgd_direction(self.state[p], p.grad + group["weight_decay"] * p, group)
+                saved.append((group, p, p.detach().clone(), d))
+                p.sub_(group["lr"] * d)
+        with torch.enable_grad():
+            closure()  # h = ∇L(w - α·d)
+        hd = {}
+        for group, p, _, d in saved:
+            if p.grad is not None:
+                hd[id(group)] = hd.get(id(group), 0.0) + float((p.grad * d).sum())
+        for group in self.param_groups:
+            new = group["lr"] + group["meta_lr"] * hd.get(id(group), 0.0)
+            if math.isfinite(new):
+                group["lr"] = new
+        for group, p, w, d in saved:
+            p.copy_(w - group["lr"] * d)
+        return loss
+
+
+class HypergradientSGD(Optimizer):
+    """Fixed meta-rate rule (Appendix D.4; Baydin et al., 2018): α ← max(0, α + η·⟨g_t, g_{t-1}⟩).
+
+    g is the gradient of the regularised loss, g + λ·w, summed over the group; then
+    w moves along the SGD direction (momentum as in torch's SGD) with the new α.
+    """
+
+    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 meta_lr=1e-4):
+        check_hyperparameters(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                              nesterov=nesterov, bound=1.0, window=1, scope="group", statistic="gradient",
+                              maximize=False)
+        if not (math.isfinite(meta_lr) and meta_lr >= 0):
+            raise ValueError(f"Invalid meta_lr: {meta_lr}")
+        super().__init__(params, dict(lr=float(lr), momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov, meta_lr=meta_lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            live = [p for p in group["params"] if p.grad is not None]
+            grads = {p: p.grad + group["weight_decay"] * p for p in live}
+            dot = 0.0
+            for p in live:
+                st = self.state[p]
+                if "prev_grad" in st:
+                    dot += float((grads[p] * st["prev_grad"]).sum())
+                st["prev_grad"] = grads[p].clone()
+            new = max(0.0, group["lr"] + group["meta_lr"] * dot)
+            if math.isfinite(new):
+                group["lr"] = new
+            for p in live:
+                p.sub_(group["lr"] * _sgd_direction(self.state[p], grads[p], group))
+        return loss
