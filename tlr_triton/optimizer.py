@@ -190,6 +190,8 @@ class TLR(Optimizer):
             backend=backend,
         )
         check_hyperparameters(**defaults)  # before super().__init__, so nothing is built on bad input
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params must be an ordered collection (a list), not a set: a set's order changes between runs")
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state

@@ -88,7 +88,7 @@ class ReferenceTLR(Optimizer):
                 st["prev_window_sum"] = torch.zeros_like(w)
             if group["scope"] == "tensor" and "alpha" not in st:
                 st["alpha"] = group["lr"]
-            u = g + lam * w
+            u = g + lam * w if lam != 0 else g  # λ = 0 means no term (0·NaN weights would be NaN)
             if group["maximize"]:
                 u = -u
             d = u

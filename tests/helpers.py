@@ -1,0 +1,83 @@
+"""Shared test helpers: twin parameter sets, lockstep stepping, state comparison."""
+
+from __future__ import annotations
+
+import torch
+
+from tlr_triton import TLR
+from tlr_triton.reference import ReferenceTLR
+
+# Odd sizes on purpose: 0-dim, 1, a prime, 3-D, a zero-size tensor in between.
+SHAPES = [(5, 3), (), (1,), (0,), (7,), (2, 3, 4), (0, 5), (13,)]
+
+
+def make_params(shapes=SHAPES, dtype=torch.float64, device="cpu"):
+    return [torch.randn(s, dtype=dtype, device=device).requires_grad_() for s in shapes]
+
+
+def twin(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(param_lists, step, dtype=None, skip=()):
+    """The same random gradient on each twin; parameters whose index is in `skip` get None."""
+    first = param_lists[0]
+    grads = [None if i in skip else torch.randn(p.shape, dtype=dtype or p.dtype) for i, p in enumerate(first)]
+    for params in param_lists:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.to(p.dtype).clone()
+    return grads
+
+
+def alpha_of(opt, group_index, p):
+    group = opt.param_groups[group_index]
+    if group["scope"] == "group":
+        return float(group["lr"])
+    return float(opt.state[p]["alpha"])
+
+
+def assert_matches_reference(opt, ref, params, ref_params, rtol=None, atol=None, msg=""):
+    """Parameters, every state tensor and every α of `opt` equal the reference's."""
+    kw = {} if rtol is None else dict(rtol=rtol, atol=atol)
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p.detach().double(), q.detach().double(), **kw, msg=lambda m: f"{msg} param {i}: {m}")
+        st, rst = opt.state.get(p, {}), ref.state.get(q, {})
+        assert set(st) == set(rst), f"{msg} param {i}: state keys {sorted(st)} vs reference {sorted(rst)}"
+        for key in st:
+            if key == "alpha":
+                continue
+            torch.testing.assert_close(
+                st[key].double(), rst[key].double(), **kw, msg=lambda m: f"{msg} param {i} state {key!r}: {m}"
+            )
+    for gi, (g, rg) in enumerate(zip(opt.param_groups, ref.param_groups)):
+        assert g["step"] == rg["step"]
+        for p, q in zip(g["params"], rg["params"]):
+            if p in opt.state and (g["scope"] == "group" or "alpha" in opt.state[p]):
+                a, b = alpha_of(opt, gi, p), alpha_of(ref, gi, q)
+                rel = 1e-12 if p.dtype == torch.float64 else 1e-5
+                assert abs(a - b) <= rel * abs(b), f"{msg} group {gi} alpha {a} vs reference {b}"
+
+
+def lockstep(groups_spec, steps=8, dtype=torch.float64, rtol=None, atol=None, skip_at=None, **defaults):
+    """Run TLR and ReferenceTLR side by side on the same gradients, comparing after each step.
+
+    groups_spec: list of dicts of per-group options (each gets its own parameter list).
+    Returns (opt, ref, params, ref_params).
+    """
+    groups, rgroups, params, ref_params = [], [], [], []
+    for spec in groups_spec:
+        ps = make_params(dtype=dtype)
+        qs = twin(ps)
+        groups.append({"params": ps, **spec})
+        rgroups.append({"params": qs, **spec})
+        params += ps
+        ref_params += qs
+    opt = TLR(groups, **defaults)
+    ref = ReferenceTLR(rgroups, **defaults)
+    for t in range(steps):
+        skip = skip_at(t) if skip_at else ()
+        set_grads([params, ref_params], t, skip=skip)
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, ref_params, rtol, atol, msg=f"step {t}:")
+    return opt, ref, params, ref_params

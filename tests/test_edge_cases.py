@@ -1,0 +1,199 @@
+"""Edge cases from RELIABILITY.md that apply to the PyTorch path."""
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import assert_matches_reference, lockstep, make_params, set_grads, twin
+from tlr_triton import TLR
+from tlr_triton.reference import ReferenceTLR
+
+SYNCING = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Make every way of reading a tensor's value on the host raise while the test runs."""
+
+    def install():
+        def boom(name):
+            def raiser(*args, **kwargs):
+                raise AssertionError(f"step() read a device value on the host: Tensor.{name}")
+
+            return raiser
+
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, boom(name))
+
+    return install
+
+
+CONFIGS = [
+    dict(window=1),
+    dict(window=2, momentum=0.9, weight_decay=1e-2),
+    dict(window=2, momentum=0.9, nesterov=True, statistic="direction", scope="tensor", maximize=True),
+    dict(window=3, momentum=0.5, dampening=0.5, scope="tensor"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_step_never_reads_device_values(cfg, dtype, forbid_host_reads):
+    params = make_params(dtype=dtype)
+    opt = TLR(params, lr=torch.tensor(0.05), **cfg)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(6)]
+    forbid_host_reads()
+    for gs in grads:  # windows open and close
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+    with pytest.raises(AssertionError, match="read a device value"):
+        float(opt.param_groups[0]["lr"])  # the fixture really is active
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_step_does_not_modify_grads(cfg):
+    params = make_params()
+    opt = TLR(params, **cfg)
+    for t in range(5):
+        grads = set_grads([params], t)
+        before = [g.clone() for g in grads]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
+
+
+def test_params_without_grad_are_skipped_and_untouched():
+    a, b = torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)
+    opt = TLR([a, b], momentum=0.9, window=1)
+    before = b.detach().clone()
+    for _ in range(3):
+        a.grad = torch.randn(3)
+        opt.step()
+    assert torch.equal(b, before) and b not in opt.state
+    assert set(opt.state[a]) == {"momentum_buffer", "window_sum", "prev_window_sum"}
+
+
+def test_zero_size_and_zero_dim_params_between_normal_ones():
+    shapes = [(3,), (0,), (), (0, 5), (4, 2), ()]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    before = [p.detach().clone() for p in params]
+    opt = TLR(params, momentum=0.9, window=2, scope="tensor")
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    for p, q in zip(params, before):
+        if p.numel():
+            assert not torch.equal(p, q)  # every non-empty parameter moved
+        else:
+            assert p not in opt.state  # skipped on the host
+
+
+def non_contiguous_params():
+    base = torch.randn(10, 5, 2, dtype=torch.float64)
+    sliced = base[..., 0]  # strided view: the update must land in `base`
+    transposed = torch.randn(6, 4, dtype=torch.float64).t()
+    channels_last = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    return base, [sliced, transposed, channels_last]
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, weight_decay=1e-2), dict(scope="tensor", statistic="direction", momentum=0.9)])
+def test_non_contiguous_params_match_reference_and_update_in_place(cfg):
+    base, params = non_contiguous_params()
+    ref_base, ref_params = non_contiguous_params()
+    ref_base.copy_(base)
+    for p, q in zip(params, ref_params):
+        q.copy_(p)
+    for p in params + ref_params:
+        p.requires_grad_()
+    base_before = base.clone()
+    opt, ref = TLR(params, lr=0.05, window=2, **cfg), ReferenceTLR(ref_params, lr=0.05, window=2, **cfg)
+    for t in range(6):
+        grads = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+        grads[0] = grads[0].t().contiguous().t() if grads[0].dim() == 2 else grads[0]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, ref_params, msg=f"step {t}")
+    assert not torch.equal(base[..., 0], base_before[..., 0])  # moved in the real storage
+    assert torch.equal(base[..., 1], base_before[..., 1])  # and nowhere else
+    assert params[2].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_loss_decreases_with_non_contiguous_params():
+    w = torch.randn(5, 10).t().requires_grad_()  # non-contiguous leaf
+    x = torch.randn(5)
+    opt = TLR([w], lr=1e-3, momentum=0.9, window=2)
+    first = ((w @ x) ** 2).sum().item()
+    for _ in range(20):
+        opt.zero_grad()
+        ((w @ x) ** 2).sum().backward()
+        opt.step()
+    assert ((w @ x) ** 2).sum().item() < first
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+def test_nonfinite_grads_keep_alpha_finite_and_match_reference(bad, scope):
+    params = make_params()
+    ref_params = twin(params)
+    opt = TLR(params, lr=0.05, window=2, momentum=0.9, scope=scope)
+    ref = ReferenceTLR(ref_params, lr=0.05, window=2, momentum=0.9, scope=scope)
+    for t in range(8):
+        grads = set_grads([params, ref_params], t)
+        if t == 3:
+            for ps in (params, ref_params):
+                ps[0].grad.view(-1)[0] = bad
+        opt.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, equal_nan=True)
+        alphas = [opt.param_groups[0]["lr"]] if scope == "group" else [opt.state[p]["alpha"] for p in params if p in opt.state]
+        assert all(torch.isfinite(a) and a > 0 for a in alphas)
+    assert not torch.isfinite(params[0]).all()  # the bad value propagates into the weights, as with SGD
+
+
+HALF_TOL = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, weight_decay=1e-2, window=3), dict(momentum=0.9, nesterov=True, scope="tensor", statistic="direction", window=2)])
+def test_half_precision_params_match_reference(dtype, cfg):
+    # TLR computes in fp32 and rounds once into the parameter; the reference in fp64.
+    lockstep([{}], steps=8, dtype=dtype, lr=0.05, **HALF_TOL[dtype], **cfg)
+
+
+def test_mixed_dtypes_in_one_group_match_reference():
+    dtypes = [torch.float64, torch.float32, torch.bfloat16, torch.float32, torch.float64]
+    params = [torch.randn(s, dtype=d, requires_grad=True) for s, d in zip([(3, 4), (5,), (2, 2), (), (7,)], dtypes)]
+    ref_params = twin(params)
+    for scope, stat in itertools.product(["group", "tensor"], ["gradient", "direction"]):
+        ps, qs = twin(params), twin(ref_params)
+        opt = TLR(ps, lr=0.05, momentum=0.9, window=2, scope=scope, statistic=stat)
+        ref = ReferenceTLR(qs, lr=0.05, momentum=0.9, window=2, scope=scope, statistic=stat)
+        for t in range(6):
+            set_grads([ps, qs], t)
+            opt.step()
+            ref.step()
+            assert_matches_reference(opt, ref, ps, qs, rtol=1e-2, atol=1e-2, msg=f"{scope} {stat} step {t}")
+        for p, q in zip(ps, qs):
+            if p.dtype != torch.bfloat16:  # the wide ones are far tighter
+                torch.testing.assert_close(p.double(), q.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_group_lr_replaced_by_a_float_is_taken_up():
+    params = make_params()
+    opt = TLR(params, lr=0.05, window=2)
+    set_grads([params], 0)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.5  # set by hand
+    set_grads([params], 1)
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and lr.dim() == 0
+    assert float(lr) == pytest.approx(0.5 * float(lr) / 0.5)  # a tensor again, updated from 0.5
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        opt.step()

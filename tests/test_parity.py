@@ -1,0 +1,70 @@
+"""The PyTorch path against the float64 reference, over SPEC's whole configuration matrix."""
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import lockstep
+
+MOMENTA = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+}
+TOLERANCES = {torch.float64: (None, None), torch.float32: (5 * 1.3e-6, 5 * 1e-5)}  # 5x default for fp32 (fusion)
+
+MATRIX = list(
+    itertools.product(
+        ["group", "tensor"], ["gradient", "direction"], [1, 3], list(MOMENTA), [0.0, 1e-2], [False, True]
+    )
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("scope,statistic,window,mom,wd,maximize", MATRIX)
+def test_matches_reference(dtype, scope, statistic, window, mom, wd, maximize):
+    rtol, atol = TOLERANCES[dtype]
+    lockstep(
+        [{}],
+        steps=8,
+        dtype=dtype,
+        rtol=rtol,
+        atol=atol,
+        lr=0.05,
+        scope=scope,
+        statistic=statistic,
+        window=window,
+        weight_decay=wd,
+        maximize=maximize,
+        **MOMENTA[mom],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_param_groups_with_different_settings(dtype):
+    rtol, atol = TOLERANCES[dtype]
+    groups = [
+        dict(lr=0.1, momentum=0.9, nesterov=True, window=2, scope="tensor"),
+        dict(lr=0.01, weight_decay=1e-2, statistic="direction", momentum=0.5, dampening=0.2, window=3),
+        dict(lr=1e-3, bound=1.0, maximize=True, window=1),
+        dict(lr=0.0),  # α = 0 stays 0: these parameters never move
+    ]
+    opt, ref, params, _ = lockstep(groups, steps=10, dtype=dtype, rtol=rtol, atol=atol, momentum=0.3)
+    assert float(opt.param_groups[3]["lr"]) == 0.0
+
+
+def test_grads_missing_on_some_steps_and_frozen_then_unfrozen():
+    # parameter 0 is frozen for steps 0-3, parameter 2 misses every third step
+    def skip(t):
+        return ({0} if t < 4 else set()) | ({2} if t % 3 == 0 else set())
+
+    for scope in ("group", "tensor"):
+        lockstep([{}], steps=12, skip_at=skip, lr=0.05, momentum=0.9, window=2, scope=scope, weight_decay=1e-2)
+
+
+def test_long_run_alpha_trajectory():
+    """60 steps, window 5: α moves through many windows and still matches."""
+    opt, ref, _, _ = lockstep([{}], steps=60, lr=0.02, momentum=0.8, weight_decay=5e-4, window=5)
+    assert float(opt.param_groups[0]["lr"]) != pytest.approx(0.02)

@@ -1,0 +1,185 @@
+"""state_dict / load_state_dict, checkpoint-resume, old checkpoints, copies, hooks, API details."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+from helpers import make_params, set_grads, twin
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from tlr_triton import TLR
+
+CONFIGS = [
+    dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=5),
+    dict(lr=0.05, momentum=0.9, nesterov=True, window=4, scope="tensor", statistic="direction"),
+    dict(lr=0.05, window=3, maximize=True),
+]
+
+
+def run(opt, params, steps, start=0):
+    for t in range(start, start + steps):
+        torch.manual_seed(1000 + t)  # gradients depend on the step only
+        set_grads([params], t)
+        opt.step()
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        assert sa["state"][k].keys() == sb["state"][k].keys()
+        for key in sa["state"][k]:
+            assert torch.equal(sa["state"][k][key], sb["state"][k][key]), (k, key)
+    for ga, gb in zip(sa["param_groups"], sb["param_groups"]):
+        assert ga.keys() == gb.keys()
+        for key in ga:
+            assert (torch.equal(ga[key], gb[key]) if isinstance(ga[key], torch.Tensor) else ga[key] == gb[key]), key
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_mid_window_is_bit_identical(cfg, dtype):
+    params = make_params(dtype=dtype)
+    opt = TLR(params, **cfg)
+    run(opt, params, 7)  # 7 steps: mid-window for windows 3, 4 and 5
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    saved_copy = copy.deepcopy(saved)
+
+    resumed_params = twin(params)
+    resumed = TLR(resumed_params, **cfg)
+    resumed.load_state_dict(saved)
+    assert_same_state(opt, resumed)
+    # the loaded dict is not modified, and the loaded α is not the dict's tensor
+    assert saved.keys() == saved_copy.keys()
+    for g, g0 in zip(saved["param_groups"], saved_copy["param_groups"]):
+        assert g.keys() == g0.keys()
+        assert resumed.param_groups[0]["lr"] is not g["lr"]
+    for k in saved["state"]:
+        for key in saved["state"][k]:
+            assert torch.equal(saved["state"][k][key], saved_copy["state"][k][key])
+
+    run(opt, params, 9, start=7)
+    run(resumed, resumed_params, 9, start=7)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+    assert_same_state(opt, resumed)
+
+
+def test_state_dtypes_are_fp32_for_half_params_and_survive_loading():
+    params = [torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True), torch.randn(5, dtype=torch.float16, requires_grad=True)]
+    opt = TLR(params, momentum=0.9, scope="tensor", window=2)
+    run(opt, params, 3)
+    clone = TLR(twin(params), momentum=0.9, scope="tensor", window=2)
+    clone.load_state_dict(opt.state_dict())
+    for o in (opt, clone):
+        for st in o.state.values():
+            for key in ("momentum_buffer", "window_sum", "prev_window_sum", "alpha"):
+                assert st[key].dtype == torch.float32, key
+        assert o.param_groups[0]["lr"].dtype == torch.float32 and o.param_groups[0]["lr"].dim() == 0
+    assert_same_state(opt, clone)
+
+
+def test_older_state_dict_without_new_keys_still_loads():
+    params = make_params()
+    opt = TLR(params, momentum=0.9, window=3)
+    run(opt, params, 4)
+    old = opt.state_dict()
+    for g in old["param_groups"]:
+        for key in ("bound", "window", "scope", "statistic", "maximize", "backend", "step"):
+            del g[key]
+    fresh_params = twin(params)
+    fresh = TLR(fresh_params, momentum=0.9, window=3)
+    fresh.load_state_dict(old)
+    g = fresh.param_groups[0]
+    assert (g["bound"], g["window"], g["scope"], g["statistic"], g["step"]) == (0.25, fresh.defaults["window"], "group", "gradient", 0)
+    run(fresh, fresh_params, 3)
+    assert all(torch.isfinite(p).all() for p in fresh_params)
+
+
+def test_lr_tensor_is_copied_and_behaves_like_a_float():
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    a, b = make_params(), None
+    b = twin(a)
+    opt_t, opt_f = TLR(a, lr=lr, window=2), TLR(b, lr=0.05, window=2)
+    for t in range(6):
+        set_grads([a, b], t)
+        opt_t.step()
+        opt_f.step()
+    assert lr.item() == 0.05  # the caller's tensor is never updated in place
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert torch.equal(opt_t.param_groups[0]["lr"], opt_f.param_groups[0]["lr"])
+
+
+def test_alpha_lives_in_group_lr_or_state():
+    params = make_params()
+    opt = TLR([{"params": params[:4]}, {"params": params[4:], "scope": "tensor"}], lr=0.1, window=1)
+    handle = opt.param_groups[0]["lr"]
+    for t in range(4):
+        torch.manual_seed(t)
+        g = torch.randn(())
+        for p in params:
+            p.grad = torch.full_like(p, float(g))
+        opt.step()
+    assert opt.param_groups[0]["lr"] is handle  # updated in place: loggers holding it see the live α
+    assert handle.dtype == torch.float32 and handle.dim() == 0
+    assert float(handle) != pytest.approx(0.1)
+    for p in params[4:]:
+        if p.numel():
+            assert opt.state[p]["alpha"].dim() == 0 and float(opt.state[p]["alpha"]) != pytest.approx(0.1)
+    assert float(opt.param_groups[1]["lr"]) == pytest.approx(0.1)  # scope "tensor": the starting α
+
+
+def test_deepcopy_and_repr():
+    params = make_params()
+    opt = TLR(params, momentum=0.9)
+    run(opt, params, 2)
+    dup = copy.deepcopy(opt)
+    public = {k for k in vars(opt) if not k.startswith("_")}
+    assert public == {"defaults", "state", "param_groups"} and public <= vars(dup).keys()
+    assert_same_state(opt, dup)
+    text = repr(opt)
+    assert text.startswith("TLR (") and "window: 10" in text and "statistic: gradient" in text
+
+
+def test_step_hooks_and_state_dict_hooks_still_work():
+    params = make_params()
+    opt = TLR(params)
+    calls = []
+    h1 = opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    h2 = opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    h3 = register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("sd"))
+    run(opt, params, 1)
+    opt.state_dict()
+    assert calls == ["global", "pre", "post", "sd"]
+    for h in (h1, h2, h3):
+        h.remove()
+    run(opt, params, 1)
+    assert calls == ["global", "pre", "post", "sd"]
+
+
+def test_named_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = TLR(model.named_parameters(), momentum=0.9)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    model2 = copy.deepcopy(model)
+    opt2 = TLR(model2.named_parameters(), momentum=0.9)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["param_names"] == sd["param_groups"][0]["param_names"]
+
+
+def test_add_param_group_later_gets_its_own_alpha():
+    a, b = make_params(), make_params()
+    opt = TLR(a, lr=0.1)
+    opt.add_param_group({"params": b, "lr": 0.2, "window": 2})
+    assert opt.param_groups[1]["lr"] is not opt.param_groups[0]["lr"]
+    assert float(opt.param_groups[1]["lr"]) == pytest.approx(0.2) and opt.param_groups[1]["step"] == 0
