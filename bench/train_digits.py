@@ -117,10 +117,12 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="run the defaults grid instead")
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 3, 10, 30, 100])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512])
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.sweep:
-        sweep(args.epochs, args.windows, [1e-3, 1e-2, 1e-1], [64, 128, 256, 512], args.seeds)
+        sweep(args.epochs, args.windows, args.lrs, args.batches, args.seeds)
     else:
         side_by_side(args.lr, args.batch, args.epochs, args.window)
 

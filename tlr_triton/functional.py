@@ -59,9 +59,11 @@ def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor])
     torch has no multi-tensor dot product; this loop runs only on window-closing steps
     (once every `window` steps). Window sums are contiguous, so view(-1) is free.
     """
-    flat = [a.view(-1) for a in window_sums]
-    dots = torch.stack([torch.dot(a, p.view(-1)) for a, p in zip(flat, prev_window_sums)])
-    sqs = torch.stack([torch.dot(a, a) for a in flat])
+    dots = torch.stack([torch.dot(a.view(-1), p.view(-1)) for a, p in zip(window_sums, prev_window_sums)])
+    if hasattr(torch, "_foreach_powsum"):  # torch >= 2.13: Σx² per tensor in one call
+        sqs = torch.stack(torch._foreach_powsum(window_sums, 2))
+    else:
+        sqs = torch.stack(torch._foreach_norm(window_sums)).square()
     return dots, sqs
 
 
@@ -143,7 +145,9 @@ def tlr(
         params, grads: the tensors that have a gradient, and their gradients.
         momentum_buffers: one entry per tensor, ``None`` before its first step; new
             buffers are written into this list (the caller stores them).
-        window_sums, prev_window_sums: A and P, contiguous, in ``state_dtype``.
+        window_sums, prev_window_sums: A and P, contiguous, in ``state_dtype``. A closing
+            step swaps the two lists' entries (P ← A, A ← the old P zeroed); the caller
+            stores both lists back.
         alphas: float32 0-dim tensors, updated in place: one (scope "group") or one per
             tensor (scope "tensor").
         closes_window: whether this step is the last of a window (updates α).
@@ -160,7 +164,8 @@ def tlr(
     sign = -1.0 if maximize else 1.0
     movers = []  # weight updates, run after α has been updated
 
-    for idx in _buckets(params):
+    buckets = _buckets(params)
+    for idx in buckets:
         b_params = [params[i] for i in idx]
         b_grads = [grads[i] for i in idx]
         b_bufs = [momentum_buffers[i] for i in idx]
@@ -175,14 +180,20 @@ def tlr(
         else:
             work_params, work_grads = b_params, b_grads
 
-        needs_d_first = statistic == "direction" and momentum != 0
-        if scope == "group" and not needs_d_first and not half and _fused_ok(b_params, b_grads):
-            # Hot path: A += s·g + s·λ·w, then torch's fused SGD kernel with α as a
-            # tensor moves the weights (and momentum) in one pass, after α is updated.
-            torch._foreach_add_(b_sums, b_grads, alpha=sign)
-            if weight_decay != 0:
-                torch._foreach_add_(b_sums, b_params, alpha=sign * weight_decay)
+        sums_u = statistic == "gradient" or momentum == 0  # A sums u, known before momentum
+        # With heavy-ball momentum, d is the new momentum buffer: on a step that closes
+        # no window it can be summed after the fused kernel has computed it.
+        sums_new_buffer = not sums_u and not nesterov and not closes_window
+        if scope == "group" and (sums_u or sums_new_buffer) and not half and _fused_ok(b_params, b_grads):
+            # Hot path: torch's fused SGD kernel, with α as a device tensor, moves the
+            # weights and the momentum in one pass after α has been updated.
+            if sums_u:  # A += s·g + s·λ·w
+                torch._foreach_add_(b_sums, b_grads, alpha=sign)
+                if weight_decay != 0:
+                    torch._foreach_add_(b_sums, b_params, alpha=sign * weight_decay)
             movers.append(_fused_mover(b_params, b_grads, b_bufs, momentum_buffers, idx, b_alphas[0], kw))
+            if sums_new_buffer:  # A += d = the updated buffer
+                movers.append(lambda sums=b_sums, bufs=b_bufs: torch._foreach_add_(sums, bufs))
             continue
 
         u, d = _directions(work_params, work_grads, b_bufs, **kw)
@@ -192,28 +203,28 @@ def tlr(
         movers.append(_foreach_mover(b_params, work_params, d, b_alphas, half))
 
     if closes_window:
-        _close_window(window_sums, prev_window_sums, alphas, scope, bound)
+        _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound)
     for move in movers:
         move()
 
 
-def _close_window(window_sums, prev_window_sums, alphas, scope, bound) -> None:
-    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖², then P ← A and A ← 0."""
-    dots, sqs = [], []
-    for idx in _buckets(window_sums):
-        d, s = _dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx])
-        dots.append((idx, d))
-        sqs.append(s)
-    acc = torch.float64 if any(d.dtype == torch.float64 for _, d in dots) else torch.float32
+def _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound) -> None:
+    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖², then P ← A and A ← 0.
+
+    The last part swaps the two lists' entries (the old P, zeroed, becomes the new A)
+    instead of copying A into P: the caller stores the lists back into its state.
+    """
+    stats = [_dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx]) for idx in buckets]
+    acc = torch.float64 if any(d.dtype == torch.float64 for d, _ in stats) else torch.float32
     if scope == "group":
-        dot = torch.stack([d.to(acc).sum() for _, d in dots])
-        sq = torch.stack([s.to(acc).sum() for s in sqs])
-        _update_alphas(alphas, dot.sum().reshape(1), sq.sum().reshape(1), bound)
+        dot = torch.stack([d.to(acc).sum() for d, _ in stats]).sum()
+        sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
+        _update_alphas(alphas, dot.reshape(1), sq.reshape(1), bound)
     else:
-        for (idx, d), s in zip(dots, sqs):
+        for idx, (d, s) in zip(buckets, stats):
             _update_alphas([alphas[i] for i in idx], d.to(acc), s.to(acc), bound)
-    torch._foreach_copy_(prev_window_sums, window_sums)
-    torch._foreach_zero_(window_sums)
+    torch._foreach_zero_(prev_window_sums)
+    window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
 
 
 def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):

@@ -12,11 +12,16 @@ from torch.optim import Optimizer
 
 from .functional import state_dtype, tlr
 
-__all__ = ["TLR", "check_hyperparameters"]
+__all__ = ["TLR", "check_hyperparameters", "DEFAULT_LR", "DEFAULT_WINDOW"]
 
 SCOPES = ("group", "tensor")
 STATISTICS = ("gradient", "direction")
 BACKENDS = ("auto", "torch", "triton")
+
+# Defaults chosen by measurement (README, "Defaults"): TLR adapts α, so the initial α
+# matters little; a window of 3 steps was the most robust on the paper's digits grid.
+DEFAULT_LR = 0.01
+DEFAULT_WINDOW = 3
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
@@ -163,14 +168,14 @@ class TLR(Optimizer):
     def __init__(
         self,
         params,
-        lr: float | Tensor = 0.01,
+        lr: float | Tensor = DEFAULT_LR,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
         bound: float = 0.25,
-        window: int = 10,
+        window: int = DEFAULT_WINDOW,
         scope: str = "group",
         statistic: str = "gradient",
         maximize: bool = False,
@@ -230,7 +235,7 @@ class TLR(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Fill in entries added after a checkpoint was written, so older dicts still load.
-        defaults = dict(bound=0.25, window=10, scope="group", statistic="gradient", maximize=False, backend="auto")
+        defaults = dict(bound=0.25, window=DEFAULT_WINDOW, scope="group", statistic="gradient", maximize=False, backend="auto")
         for key, value in defaults.items():
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
@@ -347,8 +352,10 @@ class TLR(Optimizer):
                 scope=group["scope"],
                 backend="torch",
             )
-            if group["momentum"] != 0:
-                for p, b in zip(params, bufs):
-                    self.state[p]["momentum_buffer"] = b
+            for p, b, a, prev in zip(params, bufs, sums, prev_sums):  # new buffers, swapped sums
+                state = self.state[p]
+                state["window_sum"], state["prev_window_sum"] = a, prev
+                if b is not None:
+                    state["momentum_buffer"] = b
             group["step"] += 1
         return loss

@@ -16,7 +16,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import check_hyperparameters
+from .optimizer import DEFAULT_LR, DEFAULT_WINDOW, check_hyperparameters
 
 __all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
 
@@ -52,8 +52,8 @@ class ReferenceTLR(Optimizer):
     Python floats here; the other state entries are float64 tensors.
     """
 
-    def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 bound=0.25, window=10, scope="group", statistic="gradient", maximize=False):
+    def __init__(self, params, lr=DEFAULT_LR, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 bound=0.25, window=DEFAULT_WINDOW, scope="group", statistic="gradient", maximize=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         bound=bound, window=window, scope=scope, statistic=statistic, maximize=maximize)
         check_hyperparameters(**defaults)
@@ -135,7 +135,20 @@ def _sgd_direction(state, d, group):
     return d + group["momentum"] * b if group["nesterov"] else b.clone()
 
 
-class NaiveTLR(Optimizer):
+class _MetaRateSGD(Optimizer):
+    """torch SGD's direction with α adapted at a fixed meta-rate η: the base of both baselines."""
+
+    def __init__(self, params, lr, momentum, dampening, weight_decay, nesterov, *, meta_lr):
+        check_hyperparameters(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                              nesterov=nesterov, bound=1.0, window=1, scope="group", statistic="gradient",
+                              maximize=False)
+        if not (math.isfinite(meta_lr) and meta_lr >= 0):
+            raise ValueError(f"Invalid meta_lr: {meta_lr}")
+        super().__init__(params, dict(lr=float(lr), momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov, meta_lr=meta_lr))
+
+
+class NaiveTLR(_MetaRateSGD):
     """The paper's Algorithm 1: α ← α - η·∂L_α/∂α by a second forward–backward pass.
 
     Each ``step(closure)`` evaluates the loss and gradient at w (g), then at the trial
@@ -147,13 +160,7 @@ class NaiveTLR(Optimizer):
 
     def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  meta_lr=1e-3):
-        check_hyperparameters(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                              nesterov=nesterov, bound=1.0, window=1, scope="group", statistic="gradient",
-                              maximize=False)
-        if not (math.isfinite(meta_lr) and meta_lr >= 0):
-            raise ValueError(f"Invalid meta_lr: {meta_lr}")
-        super().__init__(params, dict(lr=float(lr), momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov, meta_lr=meta_lr))
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, meta_lr=meta_lr)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -184,7 +191,7 @@ class NaiveTLR(Optimizer):
         return loss
 
 
-class HypergradientSGD(Optimizer):
+class HypergradientSGD(_MetaRateSGD):
     """Fixed meta-rate rule (Appendix D.4; Baydin et al., 2018): α ← max(0, α + η·⟨g_t, g_{t-1}⟩).
 
     g is the gradient of the regularised loss, g + λ·w, summed over the group; then
@@ -193,13 +200,7 @@ class HypergradientSGD(Optimizer):
 
     def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  meta_lr=1e-4):
-        check_hyperparameters(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                              nesterov=nesterov, bound=1.0, window=1, scope="group", statistic="gradient",
-                              maximize=False)
-        if not (math.isfinite(meta_lr) and meta_lr >= 0):
-            raise ValueError(f"Invalid meta_lr: {meta_lr}")
-        super().__init__(params, dict(lr=float(lr), momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov, meta_lr=meta_lr))
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, meta_lr=meta_lr)
 
     @torch.no_grad()
     def step(self, closure=None):
