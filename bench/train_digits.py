@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -102,6 +104,7 @@ def sweep(epochs: int, windows: list[int], lrs: list[float], batches: list[int],
         worst = max(ok) if ok else float("nan")
         return f"median {sorted(ok)[len(ok) // 2]:.4f}  worst {worst:.4f}  spread {worst / min(ok):7.1f}x  diverged {div}/{len(finals)}"
 
+    print(f"{date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"final train loss over lr0 {lrs} x batch {batches} x seeds {seeds}, {epochs} epochs")
     print(f"{'SGD constant':>18}: {summary('sgd')}")
     for w in windows:

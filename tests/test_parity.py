@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from helpers import lockstep
+from helpers import lockstep, make_params, set_grads
+from tlr_triton import TLR
 
 MOMENTA = {
     "plain": dict(momentum=0.0),
@@ -53,6 +54,18 @@ def test_param_groups_with_different_settings(dtype):
     ]
     opt, ref, params, _ = lockstep(groups, steps=10, dtype=dtype, rtol=rtol, atol=atol, momentum=0.3)
     assert float(opt.param_groups[3]["lr"]) == 0.0
+
+
+def test_group_with_zero_lr_leaves_its_params_unchanged():
+    moving, frozen = make_params(), make_params()
+    before = [p.detach().clone() for p in frozen]
+    moving_before = [p.detach().clone() for p in moving]
+    opt = TLR([{"params": moving}, {"params": frozen, "lr": 0.0}], lr=0.1, momentum=0.9, weight_decay=1e-2, window=1)
+    for t in range(6):
+        set_grads([moving + frozen], t)
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(frozen, before))
+    assert all(not torch.equal(p, q) for p, q in zip(moving, moving_before) if p.numel())
 
 
 def test_grads_missing_on_some_steps_and_frozen_then_unfrozen():

@@ -183,3 +183,16 @@ def test_add_param_group_later_gets_its_own_alpha():
     opt.add_param_group({"params": b, "lr": 0.2, "window": 2})
     assert opt.param_groups[1]["lr"] is not opt.param_groups[0]["lr"]
     assert float(opt.param_groups[1]["lr"]) == pytest.approx(0.2) and opt.param_groups[1]["step"] == 0
+
+
+def test_alpha_is_float32_whatever_the_default_dtype():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        params = [torch.randn(3, requires_grad=True)]
+        opt = TLR(params, lr=0.1, scope="tensor")
+        run(opt, params, 2)
+        assert opt.param_groups[0]["lr"].dtype == torch.float32
+        assert opt.state[params[0]]["alpha"].dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
