@@ -42,7 +42,6 @@ BAD = [
     (dict(scope="layer"), ValueError, "Invalid scope: 'layer'"),
     (dict(statistic="displacement"), ValueError, "Invalid statistic: 'displacement'"),
     (dict(backend="cuda"), ValueError, "Invalid backend: 'cuda'"),
-    (dict(backend="triton"), NotImplementedError, "backend='triton' is not available yet"),
     (dict(maximize="yes"), TypeError, "Invalid maximize: 'yes'"),
 ]
 

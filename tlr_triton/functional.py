@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["tlr", "newton_factor", "state_dtype"]
+__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation"]
 
 # α is stored in float32; a product that leaves the normal float32 range is refused
 # (α keeps its old value), so α is never 0, subnormal, inf or NaN.
@@ -30,6 +30,19 @@ _ALPHA_MAX = torch.finfo(torch.float32).max
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """dtype of every state buffer of a parameter: fp32, or the parameter's if wider."""
     return torch.promote_types(param_dtype, torch.float32)
+
+
+def window_representation(backend: str, dtype: torch.dtype, statistic: str, momentum: float) -> str:
+    """State key that holds a tensor's window statistic on a backend.
+
+    "window_sum" is A itself. "window_start" is the weights S at the window's start, from
+    which A = (S - w)/α: the Triton path uses it for fp32/fp64 weights when A is the sum
+    of the directions taken (statistic "direction", or momentum 0, where u = d), so an
+    ordinary step touches no more memory than SGD's.
+    """
+    if backend == "triton" and dtype in (torch.float32, torch.float64) and (statistic == "direction" or momentum == 0):
+        return "window_start"
+    return "window_sum"
 
 
 def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
@@ -128,7 +141,8 @@ def tlr(
     prev_window_sums: list[Tensor],
     alphas: list[Tensor],
     *,
-    closes_window: bool,
+    step: int | Tensor,
+    window: int,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -138,6 +152,8 @@ def tlr(
     statistic: str,
     scope: str,
     backend: str = "torch",
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One TLR step for the tensors of one parameter group (see the module docstring).
 
@@ -150,16 +166,40 @@ def tlr(
             stores both lists back.
         alphas: float32 0-dim tensors, updated in place: one (scope "group") or one per
             tensor (scope "tensor").
-        closes_window: whether this step is the last of a window (updates α).
+        step, window: the group's step count before this step and its window; the step
+            closes a window when (step + 1) % window == 0. The PyTorch path takes an int
+            (and the caller advances it); the Triton path an int64 device tensor, which
+            it advances itself, on the device.
+        backend: "torch" or "triton". On the Triton path ``window_sums`` holds, for the
+            tensors where ``window_representation`` says "window_start", the weights at
+            the window's start instead of A.
+        grad_scale, found_inf: AMP's tensors (Triton path only): gradients are divided
+            by ``grad_scale``, and nothing changes when ``found_inf`` is nonzero.
     """
-    if backend != "torch":
-        raise NotImplementedError(f"backend={backend!r} is not implemented yet; use backend='torch'")
-    if not params:
-        return
     if scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
     if scope == "tensor" and len(alphas) != len(params):
         raise ValueError(f"scope 'tensor' takes one alpha per tensor, got {len(alphas)} for {len(params)}")
+    if backend == "triton":
+        from tlr_triton.kernels.launch import tlr_triton_step
+
+        if not params:  # the step counter still advances
+            step.add_(1 if found_inf is None else (found_inf == 0).to(step.dtype))
+            return
+        return tlr_triton_step(
+            params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
+            step=step, window=window, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
+            buckets=_buckets(params),
+            grad_scale=grad_scale, found_inf=found_inf,
+        )
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}")
+    if grad_scale is not None or found_inf is not None:
+        raise RuntimeError("grad_scale/found_inf are honoured by the Triton path only")
+    if not params:
+        return
+    closes_window = (step + 1) % window == 0
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     sign = -1.0 if maximize else 1.0
     movers = []  # weight updates, run after α has been updated

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import state_dtype, tlr
+from .functional import state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "DEFAULT_LR", "DEFAULT_WINDOW"]
 
@@ -25,7 +26,7 @@ DEFAULT_WINDOW = 3
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
-_STATE_KEYS = ("momentum_buffer", "window_sum", "prev_window_sum", "alpha")
+_STATE_KEYS = ("momentum_buffer", "window_sum", "window_start", "prev_window_sum", "alpha")
 
 
 def _finite_number(name: str, value: Any) -> float:
@@ -92,11 +93,55 @@ def check_hyperparameters(
         raise TypeError(f"Invalid maximize: {maximize!r} (expected a bool)")
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS})")
-    if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available yet: the Triton kernels are the next milestone. "
-            "Use backend='auto' or 'torch'."
+
+
+def _triton_ready() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, device: torch.device, index: int) -> str:
+    """The path a group on ``device`` takes: Triton for CUDA under "auto", else PyTorch."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_ready() else "torch"
+    if not _triton_ready():
+        raise RuntimeError(f"backend='triton' (group {index}) needs the triton package: pip install triton")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"backend='triton' (group {index}) got CPU tensors: Triton kernels run on CUDA devices, or on the CPU "
+            "through Triton's interpreter when TRITON_INTERPRET=1 is set before triton is imported"
         )
+    if device.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"backend='triton' (group {index}) does not support {device.type} tensors; use backend='torch'")
+    return "triton"
+
+
+def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tensor) -> None:
+    """Create the window state of ``p``, or convert it to the representation ``key``.
+
+    "window_sum" is A; "window_start" is the weights S at the window's start, with
+    A = (S - w)/α (``functional.window_representation``). Converting costs one pass and
+    happens only when the backend, statistic or momentum of a group changes.
+    """
+    dtype = state_dtype(p.dtype)
+    if "prev_window_sum" not in state:
+        state["prev_window_sum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    if key in state:
+        return
+    w = p.detach()
+    if key == "window_start":
+        a = state.pop("window_sum", None)
+        s = w if a is None else w.to(dtype) + alpha.to(dtype) * a
+        state["window_start"] = s.to(p.dtype).clone(memory_format=torch.contiguous_format)
+    else:
+        s = state.pop("window_start", None)
+        a = torch.zeros_like(p, dtype=dtype) if s is None else (s.to(dtype) - w.to(dtype)) / alpha.to(dtype)
+        state["window_sum"] = a.contiguous()
 
 
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
@@ -262,11 +307,14 @@ class TLR(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             for k, value in kept.get(saved_id, {}).items():
-                dtype = torch.float32 if k == "alpha" else state_dtype(p.dtype)
+                dtype = {"alpha": torch.float32, "window_start": p.dtype}.get(k, state_dtype(p.dtype))
                 self.state[p][k] = value.to(device=p.device, dtype=dtype, copy=True)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["lr"] = self._alpha_tensor(group["lr"], device)
+            if isinstance(group["step"], Tensor):  # written by the Triton path: keep it where it will run
+                on_triton = _resolve_backend(group["backend"], device, index) == "triton" if group["params"] else False
+                group["step"] = group["step"].to(device, torch.int64, copy=True) if on_triton else int(group["step"])
 
     # ------------------------------------------------------------------ step
     def _check_group(self, index: int, group: dict[str, Any]) -> None:
@@ -291,37 +339,60 @@ class TLR(Optimizer):
                 f"scope='group' shares one α across group {index}, but its parameters are on several devices "
                 f"{sorted(map(str, devices))}"
             )
+        for device in devices:
+            _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
 
-    def _init_group(self, group: dict[str, Any]):
-        """Gather the tensors with a gradient and create their state lazily."""
-        params, grads, bufs, sums, prev_sums, alphas = [], [], [], [], [], []
-        device = None
+    def _group_device(self, group: dict[str, Any]) -> torch.device | None:
+        for p in group["params"]:
+            if p.grad is not None and p.numel() > 0:
+                return p.device
+        return None
+
+    def _init_group(self, group: dict[str, Any], backend: str, device: torch.device):
+        """Gather the tensors with a gradient and create (or convert) their state lazily."""
+        lr = group["lr"]
+        if not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
+            group["lr"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
+        step = group["step"]
+        if backend == "triton" and not (isinstance(step, Tensor) and step.device == device):
+            group["step"] = torch.as_tensor(step, dtype=torch.int64).to(device)  # the counter lives on the device
+        elif backend == "torch" and isinstance(step, Tensor):
+            group["step"] = int(step)  # back from the Triton path: one host read, once
+
+        params, grads, bufs, sums, prev_sums, alphas, keys = [], [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None or p.numel() == 0:
                 continue
-            device = p.device
             state = self.state[p]
-            if "window_sum" not in state:
-                dtype = state_dtype(p.dtype)
-                state["window_sum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-                state["prev_window_sum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            if group["scope"] == "tensor":
+                if "alpha" not in state or state["alpha"].device != p.device:
+                    state["alpha"] = self._alpha_tensor(state.get("alpha", lr), p.device)
+                alpha = state["alpha"]
+            else:
+                alpha = lr
+            key = window_representation(backend, p.dtype, group["statistic"], group["momentum"])
+            _ensure_window_state(p, state, key, alpha)
             params.append(p)
             grads.append(p.grad)
             bufs.append(state.get("momentum_buffer"))
-            sums.append(state["window_sum"])
+            sums.append(state[key])
             prev_sums.append(state["prev_window_sum"])
-        lr = group["lr"]
-        if device is not None and not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
-            group["lr"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
+            keys.append(key)
+            if group["scope"] == "tensor":
+                alphas.append(alpha)
         if group["scope"] == "group":
             alphas = [lr]
-        else:
-            for p in params:
-                state = self.state[p]
-                if "alpha" not in state or state["alpha"].device != p.device:
-                    state["alpha"] = self._alpha_tensor(state.get("alpha", lr), p.device)
-                alphas.append(state["alpha"])
-        return params, grads, bufs, sums, prev_sums, alphas
+        return params, grads, bufs, sums, prev_sums, alphas, keys
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler hands ``grad_scale``/``found_inf`` to step() when every group runs on the Triton path."""
+        devices = [(g, self._group_device(g)) for g in self.param_groups]
+        devices = [(g, d) for g, d in devices if d is not None]
+        try:
+            return bool(devices) and all(_resolve_backend(g["backend"], d, 0) == "triton" for g, d in devices)
+        except RuntimeError:
+            return False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -332,8 +403,17 @@ class TLR(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             self._check_group(index, group)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
-            params, grads, bufs, sums, prev_sums, alphas = self._init_group(group)
+            device = self._group_device(group)
+            backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
+            if device is None:  # nothing to update; the step still counts
+                if isinstance(group["step"], Tensor):
+                    group["step"].add_(1 if found_inf is None else (found_inf == 0).to(torch.int64))
+                else:
+                    group["step"] += 1
+                continue
+            params, grads, bufs, sums, prev_sums, alphas, keys = self._init_group(group, backend, device)
             tlr(
                 params,
                 grads,
@@ -341,7 +421,8 @@ class TLR(Optimizer):
                 sums,
                 prev_sums,
                 alphas,
-                closes_window=(group["step"] + 1) % group["window"] == 0,
+                step=group["step"],
+                window=group["window"],
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 weight_decay=group["weight_decay"],
@@ -350,12 +431,15 @@ class TLR(Optimizer):
                 bound=group["bound"],
                 statistic=group["statistic"],
                 scope=group["scope"],
-                backend="torch",
+                backend=backend,
+                grad_scale=grad_scale if backend == "triton" else None,
+                found_inf=found_inf if backend == "triton" else None,
             )
-            for p, b, a, prev in zip(params, bufs, sums, prev_sums):  # new buffers, swapped sums
+            for p, b, a, prev, key in zip(params, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
                 state = self.state[p]
-                state["window_sum"], state["prev_window_sum"] = a, prev
+                state[key], state["prev_window_sum"] = a, prev
                 if b is not None:
                     state["momentum_buffer"] = b
-            group["step"] += 1
+            if backend == "torch":
+                group["step"] += 1  # the Triton path advances its device counter itself
         return loss

@@ -1,0 +1,223 @@
+"""Host side of the Triton path: address tables, block maps, launches.
+
+``tlr_triton_step`` runs one TLR step for the tensors of one param group: per (device,
+dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_alpha_kernel`` for the
+group, then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
+device value: the closing decision, α and the step counter stay on the device.
+
+Address tables and block maps are a pure function of the tensors' addresses, sizes
+and first-step flags, so they are memoised on exactly that key: they are rebuilt
+whenever an address changes (``load_state_dict``, ``.to()``, a new param group, new
+gradient tensors) and reused otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from tlr_triton.functional import state_dtype, window_representation
+
+from . import tlr_step as K
+
+BLOCK = 1024   # elements per program of the step and move kernels
+RBLOCK = 128   # partials per iteration of the α kernel
+_CACHE_SIZE = 64
+
+_TORCH_TO_TRITON = {}
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    if not _TORCH_TO_TRITON:
+        _TORCH_TO_TRITON.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                                 torch.float16: tl.float16, torch.bfloat16: tl.bfloat16})
+    try:
+        return _TORCH_TO_TRITON[dtype]
+    except KeyError:
+        raise TypeError(f"the Triton path supports fp32, fp64, fp16 and bf16 parameters, not {dtype}") from None
+
+
+class _Memo:
+    """A small LRU memo of device-side tables; ``builds`` counts misses (tests read it)."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict = OrderedDict()
+        self.builds = 0
+
+    def get(self, key, build):
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            return hit
+        self.builds += 1
+        value = build()
+        self.entries[key] = value
+        if len(self.entries) > _CACHE_SIZE:
+            self.entries.popitem(last=False)
+        return value
+
+
+tables = _Memo()
+
+
+def _bucket_table(device, rows, nblk):
+    """int64 [TABLE_ROWS, n] addresses/numels/flags and int64 [2, n_blocks] block map."""
+    tab = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    counts = torch.tensor(nblk, dtype=torch.int64)
+    tensor_of_block = torch.repeat_interleave(torch.arange(len(nblk), dtype=torch.int64), counts, output_size=sum(nblk))
+    first_block = torch.cumsum(counts, 0) - counts
+    offset = (torch.arange(sum(nblk), dtype=torch.int64) - first_block[tensor_of_block]) * BLOCK
+    blk = torch.stack([tensor_of_block, offset]).to(device, non_blocking=True)
+    return tab, blk
+
+
+def _scope_table(device, scope, nblks, part_offsets, alpha_ptrs):
+    """int64 [3, n_scopes]: first block, end block and α address of each scope."""
+    if scope == "group":
+        starts, ends = [0], [part_offsets[-1] + sum(nblks[-1])]
+    else:
+        starts, ends = [], []
+        for off, nblk in zip(part_offsets, nblks):
+            for k in nblk:
+                starts.append(off)
+                off += k
+                ends.append(off)
+    return torch.tensor([starts, ends, alpha_ptrs], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def tlr_triton_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    window_sums: list[Tensor],
+    prev_window_sums: list[Tensor],
+    alphas: list[Tensor],
+    *,
+    step: Tensor,
+    window: int,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    bound: float,
+    statistic: str,
+    scope: str,
+    buckets: list[list[int]],
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One TLR step of one param group on the Triton path (see the module docstring).
+
+    ``window_sums`` holds S (the window-start weights, parameter dtype) for the buckets
+    where ``window_representation`` says "window_start", else A; ``step`` is the group's
+    int64 step counter on the device, advanced here (not when ``found_inf`` is set).
+    """
+    device = step.device
+    alpha_of = (lambda i: alphas[0]) if scope == "group" else (lambda i: alphas[i])
+    state_key = []
+    launches = []
+    part_offsets, nblks, alpha_ptrs = [], [], []
+    copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
+    total = 0
+    for idx in buckets:
+        dtype = params[idx[0]].dtype
+        snap = window_representation("triton", dtype, statistic, momentum) == "window_start"
+        work_p, work_g, firsts = [], [], []
+        for i in idx:
+            p = params[i]
+            pc = p if p.is_contiguous() else p.contiguous()
+            if pc is not p:
+                copies.append((p, pc))
+            work_p.append(pc)
+            g = grads[i]
+            work_g.append(g.to(dtype=dtype, memory_format=torch.contiguous_format) if (g.dtype != dtype or not g.is_contiguous()) else g)
+            if momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step
+                momentum_buffers[i] = torch.zeros_like(pc, dtype=state_dtype(dtype), memory_format=torch.contiguous_format)
+                firsts.append(1)
+            else:
+                firsts.append(0)
+        numels = [p.numel() for p in work_p]
+        nblk = [(n + BLOCK - 1) // BLOCK for n in numels]
+        rows = [
+            [p.data_ptr() for p in work_p],
+            [g.data_ptr() for g in work_g],
+            [momentum_buffers[i].data_ptr() if momentum != 0 else 0 for i in idx],
+            [window_sums[i].data_ptr() for i in idx],
+            [prev_window_sums[i].data_ptr() for i in idx],
+            [alpha_of(i).data_ptr() for i in idx],
+            numels,
+            firsts,
+        ]
+        key = (device, dtype, tuple(map(tuple, rows)))
+        tab, blk = tables.get(key, lambda: _bucket_table(device, rows, nblk))
+        state_key.append(key)
+        launches.append((idx, dtype, snap, tab, blk, len(idx), sum(nblk), total))
+        part_offsets.append(total)
+        nblks.append(nblk)
+        total += sum(nblk)
+        if scope == "tensor":
+            alpha_ptrs += rows[5]
+    if scope == "group":
+        alpha_ptrs = [alphas[0].data_ptr()]
+
+    def build_group():
+        part = torch.zeros(2, max(total, 1), dtype=torch.float64, device=device)
+        flag = torch.zeros((), dtype=torch.int32, device=device)
+        return part, flag, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
+
+    part, flag, scopes = tables.get(("group", device, scope, tuple(state_key)), build_group)
+    dummy = flag  # any device pointer, never read when the matching flag is off
+    kw = dict(
+        HAS_MOMENTUM=momentum != 0,
+        NESTEROV=nesterov,
+        HAS_SCALE=grad_scale is not None,
+    )
+    sign = -1.0 if maximize else 1.0
+    with _device_guard(device):
+        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
+            K.tlr_step_kernel[(n_blocks,)](
+                tab, n, blk, n_blocks, part, part.shape[1], offset, step,
+                grad_scale if grad_scale is not None else dummy,
+                found_inf if found_inf is not None else dummy,
+                window, momentum, dampening, weight_decay, sign,
+                PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
+                SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap,
+                HAS_INF=found_inf is not None, BLOCK=BLOCK, **kw,
+            )
+        K.tlr_alpha_kernel[(scopes.shape[1],)](
+            scopes, scopes.shape[1], part, part.shape[1], step,
+            found_inf if found_inf is not None else dummy, flag, window, bound,
+            HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
+        )
+        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
+            K.tlr_move_kernel[(n_blocks,)](
+                tab, n, blk, n_blocks, flag,
+                grad_scale if grad_scale is not None else dummy,
+                momentum, weight_decay, sign,
+                PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
+                SNAPSHOT=snap, BLOCK=BLOCK, **kw,
+            )
+    for p, pc in copies:
+        p.copy_(pc)
+    if found_inf is None:
+        step.add_(1)
+    else:
+        step.add_((found_inf == 0).to(step.dtype))
+
+
+class _device_guard:
+    def __init__(self, device: torch.device) -> None:
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)

@@ -1,0 +1,245 @@
+"""Triton kernels for one TLR step over every tensor of a (device, dtype) bucket.
+
+One step of one param group is three launches, always the same three, so that a CUDA
+graph can capture them; whether the step closes a window is decided on the device from
+the group's step counter:
+
+1. ``tlr_step_kernel``, one program per block of BLOCK elements of any tensor:
+   direction (weight decay, momentum, nesterov, maximize), window statistic and, on an
+   ordinary step, the weight update with α read from device memory. On a closing step
+   it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A into P, and leaves
+   the weights for launch 3.
+2. ``tlr_alpha_kernel``, one program per α-scope: on a closing step, sums its blocks'
+   partials in a fixed order (no atomics: bit-identical runs), applies SPEC's Newton
+   factor with its guards and writes α; writes the "closed" flag for launch 3.
+3. ``tlr_move_kernel``: on a closing step, moves the weights with the new α
+   (Algorithm 2's order) and restarts the window snapshot; otherwise it does nothing.
+
+Tensors are reached through a table of addresses (one int64 row per kind of tensor),
+blocks through a block → (tensor, offset) map; offsets are int64, so one tensor may
+hold more than 2³¹ elements. Weights and gradients are fp32, fp16 or bf16 (or fp64);
+state and every reduction are fp32 (fp64 for fp64 weights); α is fp32.
+
+Two ways to hold the window sum A (SPEC's "A ← A + u"):
+- SNAPSHOT (statistic "direction", or momentum 0, for fp32/fp64 weights): A is the
+  displacement since the window started, (S - w)/α, with S a copy of the weights taken
+  at the window's start. An ordinary step then touches exactly what fused SGD touches.
+- otherwise A is summed in an fp32 buffer: one extra read and write per element.
+"""
+
+import triton
+import triton.language as tl
+
+# Rows of the address table.
+PARAM, GRAD, MOMENTUM, WINDOW, PREV, ALPHA, NUMEL, FIRST = range(8)
+TABLE_ROWS = 8
+
+
+@triton.jit
+def _row(tab_ptr, row, n_tensors, t):
+    return tl.load(tab_ptr + row * n_tensors + t)
+
+
+@triton.jit
+def _and(mask, flag):
+    """``mask & flag`` for a block mask and a scalar flag (Triton's interpreter types that `&` as int32)."""
+    return (mask.to(tl.int32) * flag.to(tl.int32)) != 0
+
+
+@triton.jit
+def _to_param(x, PARAM_DTYPE: tl.constexpr):
+    """Cast fp32/fp64 to the weights' dtype, rounding to nearest even.
+
+    bf16 is rounded by hand: Triton's interpreter truncates fp32 → bf16.
+    """
+    if PARAM_DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(PARAM_DTYPE)
+
+
+@triton.jit
+def _direction(w, g, b, first, momentum, dampening, weight_decay, sign,
+               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+    """u = sign·(g + λ·w); the new momentum buffer; d (SPEC)."""
+    u = sign * (g + weight_decay * w)
+    if HAS_MOMENTUM:
+        b = tl.where(first != 0, u, momentum * b + (1.0 - dampening) * u)
+        if NESTEROV:
+            d = u + momentum * b
+        else:
+            d = b
+    else:
+        d = u
+    return u, b, d
+
+
+@triton.jit
+def tlr_step_kernel(
+    tab_ptr,          # int64 [TABLE_ROWS, n_tensors]: addresses, numels, first-step flags
+    n_tensors,
+    blk_ptr,          # int64 [2, n_blocks]: each block's tensor index and first element
+    n_blocks,
+    part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖² of the whole group
+    n_part,
+    part_offset,      # where this bucket's blocks start in part_ptr
+    step_ptr,         # int64: the group's step counter (before this step)
+    scale_ptr,        # fp32: AMP's grad scale (read if HAS_SCALE)
+    inf_ptr,          # fp32: AMP's found_inf (read if HAS_INF): nonzero = skip the step
+    window,           # steps per window
+    momentum, dampening, weight_decay,
+    sign,             # -1.0 with maximize, else 1.0
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    SUM_DIRECTION: tl.constexpr,   # statistic "direction" (A sums d) or "gradient" (A sums u)
+    SNAPSHOT: tl.constexpr,        # WINDOW row holds the window-start weights S, not A
+    HAS_SCALE: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(blk_ptr + pid)
+    offs = tl.load(blk_ptr + n_blocks + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    live = offs < _row(tab_ptr, NUMEL, n_tensors, t)
+    if HAS_INF:
+        live = _and(live, tl.load(inf_ptr) == 0)
+    step = tl.load(step_ptr)
+    closing = ((step + 1) % window) == 0
+    closes = _and(live, closing)
+    moves = _and(live, closing == 0)
+
+    p_ptr = _row(tab_ptr, PARAM, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = _row(tab_ptr, GRAD, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    alpha_ptr = _row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))
+    w = tl.load(p_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    if HAS_SCALE:
+        g = g / tl.load(scale_ptr).to(STATE_DTYPE)
+
+    b = tl.zeros([BLOCK], dtype=STATE_DTYPE)
+    first = 0
+    if HAS_MOMENTUM:
+        b_ptr = _row(tab_ptr, MOMENTUM, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
+        b = tl.load(b_ptr + offs, mask=live, other=0.0)
+        first = _row(tab_ptr, FIRST, n_tensors, t)
+    u, b, d = _direction(w, g, b, first, momentum, dampening, weight_decay, sign, HAS_MOMENTUM, NESTEROV)
+    if HAS_MOMENTUM:
+        tl.store(b_ptr + offs, b, mask=live)
+
+    alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
+    if SNAPSHOT:
+        # A so far is the displacement since the window's start; add this step's d.
+        s_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+        s = tl.load(s_ptr + offs, mask=closes, other=0.0).to(STATE_DTYPE)
+        a = (s - w) / alpha + d
+    else:
+        a_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
+        if SUM_DIRECTION:
+            a = tl.load(a_ptr + offs, mask=live, other=0.0) + d
+        else:
+            a = tl.load(a_ptr + offs, mask=live, other=0.0) + u
+        tl.store(a_ptr + offs, tl.where(closing, 0.0, a), mask=live)  # closing: A restarts at 0
+
+    # Closing step: this block's share of ⟨A, P⟩ and ‖A‖², then P ← A.
+    pv_ptr = _row(tab_ptr, PREV, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
+    prev = tl.load(pv_ptr + offs, mask=closes, other=0.0)
+    a = tl.where(closes, a, 0.0)
+    tl.store(pv_ptr + offs, a, mask=closes)
+    tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
+    tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
+
+    # Ordinary step: move now with the current α.
+    tl.store(p_ptr + offs, _to_param(w - alpha * d, PARAM_DTYPE), mask=moves)
+
+
+@triton.jit
+def tlr_alpha_kernel(
+    scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
+    n_scopes,
+    part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖²
+    n_part,
+    step_ptr,         # int64: the group's step counter (before this step)
+    inf_ptr,
+    flag_ptr,         # int32: set to 1 when this step closed a window (read by the move kernel)
+    window,
+    bound,            # the paper's c
+    HAS_INF: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    s = tl.program_id(0)
+    start = tl.load(scope_ptr + s)
+    end = tl.load(scope_ptr + n_scopes + s)
+    alpha_ptr = tl.load(scope_ptr + 2 * n_scopes + s).to(tl.pointer_type(tl.float32))
+    closing = ((tl.load(step_ptr) + 1) % window) == 0
+    if HAS_INF:
+        closing = _and(closing, tl.load(inf_ptr) == 0)
+
+    dot = tl.zeros([RBLOCK], dtype=tl.float64)
+    sq = tl.zeros([RBLOCK], dtype=tl.float64)
+    for i in range(start, end, RBLOCK):  # fixed order: deterministic
+        idx = i + tl.arange(0, RBLOCK).to(tl.int64)
+        m = idx < end
+        dot += tl.load(part_ptr + idx, mask=m, other=0.0)
+        sq += tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
+    dot_s = tl.sum(dot, axis=0)
+    sq_s = tl.sum(sq, axis=0)
+
+    # SPEC: r = dot / max(4(sq - dot), dot / c); r := 0 for a non-positive denominator or
+    # a non-finite r; a new α outside float32's normal range is refused.
+    denom = tl.maximum(4.0 * (sq_s - dot_s), dot_s / bound)
+    r = dot_s / tl.where(denom > 0, denom, 1.0)
+    r = tl.where(_and(denom > 0, tl.abs(r) <= 1.7976931348623157e308), r, 0.0)  # NaN fails <=
+    old = tl.load(alpha_ptr).to(tl.float64)
+    new = old * (1.0 + r)
+    keep = _and(new >= 1.1754943508222875e-38, new <= 3.4028234663852886e38)
+    new = tl.where(_and(keep, closing), new, old)
+    tl.store(alpha_ptr, new.to(tl.float32))
+    if s == 0:
+        tl.store(flag_ptr, closing.to(tl.int32))
+
+
+@triton.jit
+def tlr_move_kernel(
+    tab_ptr, n_tensors, blk_ptr, n_blocks,
+    flag_ptr,         # int32: 1 if this step closed a window
+    scale_ptr,
+    momentum, weight_decay, sign,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    SNAPSHOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(blk_ptr + pid)
+    offs = tl.load(blk_ptr + n_blocks + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    live = _and(offs < _row(tab_ptr, NUMEL, n_tensors, t), tl.load(flag_ptr) != 0)
+
+    p_ptr = _row(tab_ptr, PARAM, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = _row(tab_ptr, GRAD, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    w = tl.load(p_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    if HAS_SCALE:
+        g = g / tl.load(scale_ptr).to(STATE_DTYPE)
+    u = sign * (g + weight_decay * w)
+    if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
+        b_ptr = _row(tab_ptr, MOMENTUM, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
+        b = tl.load(b_ptr + offs, mask=live, other=0.0)
+        if NESTEROV:
+            d = u + momentum * b
+        else:
+            d = b
+    else:
+        d = u
+    alpha = tl.load(_row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
+    w_new = _to_param(w - alpha * d, PARAM_DTYPE)
+    tl.store(p_ptr + offs, w_new, mask=live)
+    if SNAPSHOT:  # the next window starts here
+        s_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+        tl.store(s_ptr + offs, w_new, mask=live)
