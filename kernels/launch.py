@@ -135,7 +135,7 @@ def tlr_triton_step(
                 copies.append((p, pc))
             work_p.append(pc)
             g = grads[i]
-            work_g.append(g.to(dtype=dtype, memory_format=torch.contiguous_format) if (g.dtype != dtype or not g.is_contiguous()) else g)
+            work_g.append(g.contiguous().to(dtype))  # no copy when already contiguous and of the weights' dtype
             if momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step
                 momentum_buffers[i] = torch.zeros_like(pc, dtype=state_dtype(dtype), memory_format=torch.contiguous_format)
                 firsts.append(1)

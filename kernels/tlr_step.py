@@ -133,9 +133,10 @@ def tlr_step_kernel(
     alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
     if SNAPSHOT:
         # A so far is the displacement since the window's start; add this step's d.
+        # (α = 0 moves nothing and stays 0: its displacement is 0, not 0/0.)
         s_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
         s = tl.load(s_ptr + offs, mask=closes, other=0.0).to(STATE_DTYPE)
-        a = (s - w) / alpha + d
+        a = (s - w) / tl.where(alpha > 0, alpha, 1.0) + d
     else:
         a_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
         if SUM_DIRECTION:

@@ -362,6 +362,12 @@ class TLR(Optimizer):
         params, grads, bufs, sums, prev_sums, alphas, keys = [], [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None or p.numel() == 0:
+                state = self.state.get(p)
+                if state and "window_start" in state:
+                    # A snapshot only holds Σd while α stays as it was; a window may close
+                    # without this tensor, so keep its partial sum as A until it returns.
+                    alpha = lr if group["scope"] == "group" else state["alpha"]
+                    _ensure_window_state(p, state, "window_sum", alpha)
                 continue
             state = self.state[p]
             if group["scope"] == "tensor":
@@ -387,8 +393,7 @@ class TLR(Optimizer):
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """GradScaler hands ``grad_scale``/``found_inf`` to step() when every group runs on the Triton path."""
-        devices = [(g, self._group_device(g)) for g in self.param_groups]
-        devices = [(g, d) for g, d in devices if d is not None]
+        devices = [(g, g["params"][0].device) for g in self.param_groups if g["params"]]
         try:
             return bool(devices) and all(_resolve_backend(g["backend"], d, 0) == "triton" for g, d in devices)
         except RuntimeError:

@@ -1,0 +1,266 @@
+"""The Triton path (kernels/) through Triton's interpreter, against the float64 reference.
+
+conftest.py sets TRITON_INTERPRET=1 before anything imports triton; sizes stay small
+because the interpreter runs one program after another.
+"""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import assert_matches_reference, lockstep, make_params, set_grads, twin, window_state  # noqa: E402
+from tlr_triton import TLR  # noqa: E402
+from tlr_triton.kernels import launch  # noqa: E402
+from tlr_triton.reference import ReferenceTLR  # noqa: E402
+
+MOMENTA = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+}
+FP32 = dict(rtol=5 * 1.3e-6, atol=5 * 1e-5)
+MATRIX = list(itertools.product(["group", "tensor"], ["gradient", "direction"], [1, 3], list(MOMENTA), [0.0, 1e-2], [False, True]))
+
+
+@pytest.mark.parametrize("scope,statistic,window,mom,wd,maximize", MATRIX)
+def test_matches_reference_fp32(scope, statistic, window, mom, wd, maximize):
+    lockstep([{}], steps=7, dtype=torch.float32, **FP32, lr=0.05, backend="triton", scope=scope,
+             statistic=statistic, window=window, weight_decay=wd, maximize=maximize, **MOMENTA[mom])
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, statistic="direction", scope="tensor"), dict(momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True)])
+def test_matches_reference_fp64(cfg):
+    lockstep([{}], steps=7, dtype=torch.float64, lr=0.05, window=2, backend="triton", **cfg)
+
+
+# fp16/bf16 weights: state and arithmetic in fp32, one rounding (to nearest even) per step.
+HALF = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+@pytest.mark.parametrize("dtype", list(HALF), ids=str)
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, weight_decay=1e-2, window=3), dict(momentum=0.9, nesterov=True, scope="tensor", statistic="direction", window=2)])
+def test_half_precision_matches_reference(dtype, cfg):
+    opt, _, params, _ = lockstep([{}], steps=7, dtype=dtype, lr=0.05, backend="triton", **HALF[dtype], **cfg)
+    for st in opt.state.values():
+        assert all(st[k].dtype == torch.float32 for k in ("window_sum", "prev_window_sum"))
+
+
+def test_param_groups_and_mixed_dtypes():
+    groups = [dict(lr=0.1, momentum=0.9, window=2, scope="tensor"), dict(lr=0.01, statistic="direction", momentum=0.5, window=3), dict(lr=0.0)]
+    lockstep(groups, steps=8, dtype=torch.float32, **FP32, backend="triton")
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32]
+    params = [torch.randn(s, dtype=d, requires_grad=True) for s, d in zip([(3, 4), (5,), (2, 2), ()], dtypes)]
+    qs = twin(params)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    ref = ReferenceTLR(qs, lr=0.05, momentum=0.9, window=2)
+    for t in range(6):
+        set_grads([params, qs], t)
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, qs, rtol=1e-2, atol=1e-2, msg=f"step {t}")
+
+
+def test_odd_sizes_zero_size_and_zero_dim():
+    shapes = [(1,), (0,), (1023,), (), (1024,), (0, 5), (1025,), (65537,), (3, 7, 5)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    qs = twin(params)
+    for scope in ("group", "tensor"):
+        ps, rs = twin(params), twin(qs)
+        opt = TLR(ps, lr=0.05, momentum=0.9, window=2, scope=scope, backend="triton")
+        ref = ReferenceTLR(rs, lr=0.05, momentum=0.9, window=2, scope=scope)
+        for t in range(4):
+            set_grads([ps, rs], t)
+            opt.step()
+            ref.step()
+            assert_matches_reference(opt, ref, ps, rs, **FP32, msg=f"{scope} step {t}")
+        assert all(p not in opt.state for p in ps if p.numel() == 0)
+
+
+def test_non_contiguous_params_and_grads_update_in_place():
+    base = torch.randn(10, 5, 2)
+    sliced = base[..., 0].requires_grad_()
+    transposed = torch.randn(6, 4).t().requires_grad_()
+    q1, q2 = sliced.detach().clone().requires_grad_(), transposed.detach().clone().requires_grad_()
+    before = base.clone()
+    opt = TLR([sliced, transposed], lr=0.05, momentum=0.9, window=2, backend="triton")
+    ref = ReferenceTLR([q1, q2], lr=0.05, momentum=0.9, window=2)
+    for t in range(5):
+        g1, g2 = torch.randn(5, 10).t(), torch.randn(6, 4).t()  # non-contiguous gradients too
+        sliced.grad, transposed.grad, q1.grad, q2.grad = g1, g2, g1.clone(), g2.clone()
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, [sliced, transposed], [q1, q2], **FP32, msg=f"step {t}")
+    assert not torch.equal(base[..., 0], before[..., 0]) and torch.equal(base[..., 1], before[..., 1])
+
+
+def test_grads_missing_on_some_steps():
+    def skip(t):
+        return ({0} if t < 3 else set()) | ({2} if t % 3 == 0 else set())
+
+    for stat in ("gradient", "direction"):
+        lockstep([{}], steps=9, dtype=torch.float32, skip_at=skip, **FP32, lr=0.05, momentum=0.9, window=2,
+                 statistic=stat, backend="triton")
+
+
+def run_twice(cfg):
+    out = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        params = make_params(dtype=torch.float32)
+        opt = TLR(params, lr=0.05, backend="triton", **cfg)
+        for t in range(6):
+            set_grads([params], t)
+            opt.step()
+        out.append((params, opt))
+    return out
+
+
+def test_deterministic():
+    (p1, o1), (p2, o2) = run_twice(dict(window=2, momentum=0.9, scope="tensor"))
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert torch.equal(o1.param_groups[0]["lr"], o2.param_groups[0]["lr"])
+    for a, b in zip(p1, p2):
+        if a in o1.state:
+            assert torch.equal(o1.state[a]["alpha"], o2.state[b]["alpha"])
+
+
+def test_found_inf_leaves_everything_untouched():
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    for t in range(3):
+        set_grads([params], t)
+        opt.step()
+    snapshot = copy.deepcopy(opt.state_dict())
+    weights = [p.detach().clone() for p in params]
+    set_grads([params], 3)
+    for p in params:
+        p.grad.view(-1)[:1] = float("inf")
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.ones(())
+    for _ in range(2):  # one of them would close a window
+        opt.step()
+    del opt.grad_scale, opt.found_inf
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+    after = opt.state_dict()
+    assert int(after["param_groups"][0]["step"]) == int(snapshot["param_groups"][0]["step"]) == 3
+    assert torch.equal(after["param_groups"][0]["lr"], snapshot["param_groups"][0]["lr"])
+    for k, st in snapshot["state"].items():
+        for key, value in st.items():
+            assert torch.equal(after["state"][k][key], value), (k, key)
+
+
+def test_grad_scale_divides_gradients():
+    params = make_params(dtype=torch.float32)
+    qs = twin(params)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    ref = ReferenceTLR(qs, lr=0.05, momentum=0.9, window=2)
+    for t in range(5):
+        grads = set_grads([params, qs], t)
+        for p, g in zip(params, grads):
+            p.grad = g * 8.0  # exact in fp32
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.zeros(())
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, qs, **FP32, msg=f"step {t}")
+
+
+def test_grad_scaler_end_to_end_skips_the_inf_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    control = copy.deepcopy(model)
+    opt = TLR(model.parameters(), lr=0.05, momentum=0.9, window=2, backend="triton")
+    copt = TLR(control.parameters(), lr=0.05, momentum=0.9, window=2, backend="triton")
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    for t in range(6):
+        for m, o, sc in ((model, opt, scaler), (control, copt, None)):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            if sc is None:
+                if t != 2:
+                    loss.backward()
+                    o.step()
+                continue
+            sc.scale(loss).backward()
+            if t == 2:
+                m.weight.grad[0, 0] = float("inf")
+            sc.step(o)
+            sc.update()
+    assert scaler.get_scale() == 64.0  # backed off once
+    for p, q in zip(model.parameters(), control.parameters()):
+        torch.testing.assert_close(p, q)
+    assert int(opt.param_groups[0]["step"]) == 5
+
+
+def test_address_table_rebuilt_after_load_state_dict_and_resume_is_exact():
+    params = make_params(dtype=torch.float32)
+    cfg = dict(lr=0.05, momentum=0.9, window=3, statistic="direction", backend="triton")
+    opt = TLR(params, **cfg)
+    for t in range(4):
+        torch.manual_seed(100 + t)
+        set_grads([params], t)
+        opt.step()
+    resumed_params = twin(params)
+    resumed = TLR(resumed_params, **cfg)
+    resumed.load_state_dict(opt.state_dict())
+    builds = launch.tables.builds
+    for ps, o in ((params, opt), (resumed_params, resumed)):
+        for t in range(4, 9):
+            torch.manual_seed(100 + t)
+            set_grads([ps], t)
+            for p in ps:  # the same gradient tensors every step: only new addresses rebuild
+                if p.grad is not None:
+                    p.grad = p.grad
+            o.step()
+    assert launch.tables.builds > builds  # the resumed optimizer's tensors have new addresses
+    assert all(torch.equal(p, q) for p, q in zip(params, resumed_params))
+    assert torch.equal(opt.param_groups[0]["lr"], resumed.param_groups[0]["lr"])
+
+
+def test_tables_are_reused_while_addresses_stay():
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, window=2, backend="triton")
+    set_grads([params], 0)
+    opt.step()
+    builds = launch.tables.builds
+    for _ in range(3):
+        opt.step()  # same parameters, gradients and state: no new table
+    assert launch.tables.builds == builds
+
+
+def test_switching_backends_mid_run_keeps_matching_the_reference():
+    params = make_params(dtype=torch.float64)
+    qs = twin(params)
+    opt = TLR(params, lr=0.05, window=3, backend="triton")  # momentum 0: window snapshots
+    ref = ReferenceTLR(qs, lr=0.05, window=3)
+    for t in range(10):
+        opt.param_groups[0]["backend"] = "triton" if t < 4 or t >= 7 else "torch"
+        set_grads([params, qs], t)
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, qs, msg=f"step {t}")
+    assert "window_start" in window_state(opt, params[0]) or "window_start" in opt.state[params[0]]
+
+
+def test_triton_on_cpu_without_interpreter_fails_at_step(monkeypatch):
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, backend="triton")  # constructing is fine
+    set_grads([params], 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_auto_picks_the_torch_path_on_cpu():
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params)
+    set_grads([params], 0)
+    opt.step()
+    assert isinstance(opt.param_groups[0]["step"], int) and not opt._step_supports_amp_scaling
