@@ -12,3 +12,23 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+SYNCING = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Make every way of reading a tensor's value on the host raise while the test runs."""
+
+    def install():
+        def boom(name):
+            def raiser(*args, **kwargs):
+                raise AssertionError(f"step() read a device value on the host: Tensor.{name}")
+
+            return raiser
+
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, boom(name))
+
+    return install

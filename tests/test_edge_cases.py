@@ -9,26 +9,6 @@ from helpers import assert_matches_reference, lockstep, make_params, set_grads, 
 from tlr_triton import TLR
 from tlr_triton.reference import ReferenceTLR
 
-SYNCING = ["item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"]
-
-
-@pytest.fixture
-def forbid_host_reads(monkeypatch):
-    """Make every way of reading a tensor's value on the host raise while the test runs."""
-
-    def install():
-        def boom(name):
-            def raiser(*args, **kwargs):
-                raise AssertionError(f"step() read a device value on the host: Tensor.{name}")
-
-            return raiser
-
-        for name in SYNCING:
-            monkeypatch.setattr(torch.Tensor, name, boom(name))
-
-    return install
-
-
 CONFIGS = [
     dict(window=1),
     dict(window=2, momentum=0.9, weight_decay=1e-2),

@@ -264,3 +264,29 @@ def test_auto_picks_the_torch_path_on_cpu():
     set_grads([params], 0)
     opt.step()
     assert isinstance(opt.param_groups[0]["step"], int) and not opt._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("cfg", [dict(window=1), dict(window=2, momentum=0.9, statistic="direction", scope="tensor"), dict(window=2, momentum=0.9, weight_decay=1e-2)])
+def test_step_never_reads_device_values(cfg, forbid_host_reads):
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, backend="triton", **cfg)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(4)]
+    forbid_host_reads()  # from the first step on (state creation, tables, counter)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+    opt.found_inf = torch.zeros(())
+    opt.step()
+
+
+def test_gpu_check_script_dry_mode_runs():
+    """bench/gpu_check.py's correctness part, through the interpreter, so the script cannot rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    out = subprocess.run([sys.executable, str(script), "--dry"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reference: OK" in out.stdout

@@ -1,0 +1,221 @@
+"""Every GPU check of the Triton path in one run (a few minutes on one H200).
+
+    python bench/gpu_check.py            # on a CUDA machine: checks, then the speed table
+    python bench/gpu_check.py --dry      # anywhere: the correctness checks through Triton's
+                                         # interpreter on the CPU, small sizes (keeps this script honest)
+
+1. Correctness against the float64 reference (fp32 and bf16 weights; several settings).
+2. No host synchronisation: ``torch.cuda.set_sync_debug_mode("error")`` around step().
+3. CUDA-graph capture of step() (closing steps included) replayed against eager steps.
+4. Speed against torch.optim.SGD(fused=True) and (foreach=True), same momentum and
+   weight decay: one tensor of 256M elements, 2000 tensors of 16k, GPT-2-small's
+   parameter list (124M); windows 1 and 100; ms/step, ratio to fused SGD, GB/s and % of
+   the measured device-to-device copy bandwidth. Bytes per parameter come from the
+   kernels (README, "Memory traffic").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DRY = "--dry" in sys.argv
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tlr_triton import TLR  # noqa: E402
+from tlr_triton.reference import ReferenceTLR  # noqa: E402
+
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
+
+def check_reference(device, sizes):
+    """TLR(backend="triton") against ReferenceTLR for 8 steps, every α compared."""
+    worst = 0.0
+    configs = [
+        dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=2),
+        dict(momentum=MOMENTUM, statistic="direction", scope="tensor", window=3),
+        dict(momentum=0.0, window=1, maximize=True),
+        dict(momentum=MOMENTUM, nesterov=True, window=2),
+    ]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for cfg in configs:
+            g = torch.Generator().manual_seed(0)
+            init = [torch.randn(s, generator=g).to(dtype) for s in sizes]
+            ps = [t.clone().to(device).requires_grad_() for t in init]
+            qs = [t.clone().requires_grad_() for t in init]
+            opt = TLR(ps, lr=0.05, backend="triton", **cfg)
+            ref = ReferenceTLR(qs, lr=0.05, **cfg)
+            for _ in range(8):
+                for p, q in zip(ps, qs):
+                    grad = torch.randn(q.shape, generator=g).to(dtype)
+                    p.grad, q.grad = grad.to(device), grad.clone()
+                opt.step()
+                ref.step()
+            for p, q in zip(ps, qs):
+                if p.numel() == 0:
+                    continue
+                err = ((p.detach().cpu().double() - q.detach().double()).abs() / (q.detach().double().abs() + 1)).max().item()
+                worst = max(worst, err / tol)
+                assert err <= tol, (dtype, cfg, err)
+            alpha = float(opt.param_groups[0]["lr"]) if cfg.get("scope") != "tensor" else float(opt.state[ps[0]]["alpha"])
+            ralpha = ref.param_groups[0]["lr"] if cfg.get("scope") != "tensor" else ref.state[qs[0]]["alpha"]
+            assert abs(alpha - ralpha) <= 1e-5 * ralpha, (dtype, cfg, alpha, ralpha)
+    print(f"reference: OK ({len(configs)} settings x fp32/bf16, 8 steps; worst error {worst:.2f} of tolerance)")
+
+
+def check_no_sync(device):
+    params = [torch.randn(1000, device=device, requires_grad=True) for _ in range(3)]
+    opt = TLR(params, momentum=MOMENTUM, window=2, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # tables and state built (host → device copies) outside the checked region
+    opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("no host sync: OK (4 steps, 2 closing, under set_sync_debug_mode('error'))")
+
+
+def check_cuda_graph(device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(device)
+    twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    params = list(model.parameters())
+    opt = TLR(params, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=2, backend="triton")
+    eager = TLR(twin, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=2, backend="triton")
+    grads = [[torch.randn_like(p) for p in params] for _ in range(9)]
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()  # static gradients: the graph reads these addresses
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):  # warm-up: state, tables, counters
+            for p, g in zip(params, grads[i]):
+                p.grad.copy_(g)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(3):
+        for p, g in zip(twin, grads[i]):
+            p.grad = g.clone()
+        eager.step()
+    for i in range(3, 9):  # six replays: three of them close a window
+        for p, g in zip(params, grads[i]):
+            p.grad.copy_(g)
+        graph.replay()
+        for p, g in zip(twin, grads[i]):
+            p.grad = g.clone()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+    assert torch.equal(opt.param_groups[0]["lr"], eager.param_groups[0]["lr"])
+    assert int(opt.param_groups[0]["step"]) == int(eager.param_groups[0]["step"]) == 9
+    print(f"CUDA graph: OK (captured once, replayed 6 times = eager, bitwise; α {float(eager.param_groups[0]['lr']):.5f})")
+
+
+def bandwidth(device):
+    x = torch.empty(2**28, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    ms = time_ms(lambda: y.copy_(x), 20)
+    return 2 * x.numel() * 4 / ms / 1e6  # GB/s: read + write
+
+
+def time_ms(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(5):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return sorted(samples)[len(samples) // 2]
+
+
+def gpt2_small_shapes():
+    d, v, n, layers = 768, 50257, 1024, 12
+    shapes = [(v, d), (n, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+# fp32 bytes per parameter and step with momentum, from the kernels (README, "Memory
+# traffic"): fused SGD; TLR's ordinary and closing steps for each window representation.
+BYTES = {"sgd": 20, ("gradient", "ordinary"): 28, ("gradient", "closing"): 48,
+         ("direction", "ordinary"): 20, ("direction", "closing"): 48}
+
+
+def speed_table(device):
+    peak = bandwidth(device)
+    print(f"\ndevice-to-device copy: {peak:.0f} GB/s\n")
+    print("| layout | optimizer | window | ms/step | / SGD fused | GB/s | % of copy |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    layouts = {"1 x 256M": [(2**28,)], "2000 x 16k": [(16384,)] * 2000, "GPT-2 small (124M)": gpt2_small_shapes()}
+    for layout, shapes in layouts.items():
+        params = [torch.randn(s, device=device).requires_grad_() for s in shapes]
+        n = sum(p.numel() for p in params)
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        rows = []
+        fused = torch.optim.SGD(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
+        fused_ms = time_ms(fused.step, 20)
+        rows.append(("SGD fused", "", fused_ms, BYTES["sgd"]))
+        foreach = torch.optim.SGD(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True)
+        rows.append(("SGD foreach", "", time_ms(foreach.step, 20), BYTES["sgd"]))
+        for statistic in ("gradient", "direction"):
+            for window in (1, 100):
+                opt = TLR(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=window,
+                          statistic=statistic, backend="triton")
+                ms = time_ms(opt.step, 100 if window == 100 else 20)  # whole windows: amortized
+                per = (BYTES[statistic, "ordinary"] * (window - 1) + BYTES[statistic, "closing"]) / window
+                rows.append((f"TLR {statistic}", window, ms, per))
+                del opt
+        for name, window, ms, per in rows:
+            gbs = per * n / ms / 1e6
+            print(f"| {layout} | {name} | {window} | {ms:.3f} | {ms / fused_ms:.2f}x | {gbs:.0f} | {100 * gbs / peak:.0f}% |", flush=True)
+        del params, fused, foreach
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry", action="store_true", help="CPU, Triton's interpreter, correctness only")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    if args.dry or not torch.cuda.is_available():
+        if not args.dry:
+            sys.exit("no CUDA device: run with --dry for the interpreter checks")
+        check_reference(torch.device("cpu"), [(3, 5), (), (1025,), (0,), (7,)])
+        print(f"dry run (interpreter, CPU): the GPU-only checks (sync, graph, speed) were skipped; {time.perf_counter() - t0:.0f} s")
+        return
+    import triton
+
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    check_reference(device, [(3, 5), (), (1025,), (0,), (65537,), (300, 70)])
+    check_no_sync(device)
+    check_cuda_graph(device)
+    speed_table(device)
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
