@@ -186,13 +186,17 @@ class TLR(Optimizer):
             the latter is biased upwards and can diverge (SPEC.md).
         maximize: maximise the objective. Unlike torch's SGD, the whole of g + λ·w is
             negated (SPEC), so weight decay then pushes weights away from zero.
-        backend: ``"auto"`` (the PyTorch path for now), ``"torch"``, or ``"triton"``
-            (the fused kernels; not available yet).
+        backend: ``"auto"`` (Triton for CUDA tensors when triton is installed, the
+            PyTorch path elsewhere), ``"torch"``, or ``"triton"`` (the fused kernels: CUDA,
+            or CPU through Triton's interpreter with ``TRITON_INTERPRET=1``; anything else
+            fails at ``step()`` with a RuntimeError).
 
     Where α lives: with scope ``"group"``, ``group["lr"]`` is the group's live α, a 0-dim
     float32 tensor on the parameters' device updated in place (``float(group["lr"])``
     reads it). With scope ``"tensor"``, each tensor's α is ``optimizer.state[p]["alpha"]``
-    and ``group["lr"]`` is the α a tensor starts from. ``group["step"]`` counts steps.
+    and ``group["lr"]`` is the α a tensor starts from. ``group["step"]`` counts steps
+    (an int on the PyTorch path, an int64 device tensor on the Triton path, where the
+    step counter and the closing decision live on the device for CUDA graphs).
 
     Parameters whose ``grad`` is None are skipped: their state is untouched, they add
     nothing to the window statistics, and a window closing without them leaves their
