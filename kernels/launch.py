@@ -110,8 +110,12 @@ def tlr_triton_step(
     buckets: list[list[int]],
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    first_steps: list[bool] | None = None,
 ) -> None:
     """One TLR step of one param group on the Triton path (see the module docstring).
+
+    New momentum buffers are created for ``None`` entries of ``momentum_buffers``, or,
+    when ``first_steps`` is given, every buffer exists and the flags say which are new.
 
     ``window_sums`` holds S (the window-start weights, parameter dtype) for the buckets
     where ``window_representation`` says "window_start", else A; ``step`` is the group's
@@ -136,7 +140,9 @@ def tlr_triton_step(
             work_p.append(pc)
             g = grads[i]
             work_g.append(g.contiguous().to(dtype))  # no copy when already contiguous and of the weights' dtype
-            if momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step
+            if first_steps is not None:
+                firsts.append(int(first_steps[i]))
+            elif momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step
                 momentum_buffers[i] = torch.zeros_like(pc, dtype=state_dtype(dtype), memory_format=torch.contiguous_format)
                 firsts.append(1)
             else:
@@ -221,3 +227,48 @@ class _device_guard:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+# torch.compile sees the step as one opaque operator with its mutations declared (the
+# launcher's host work, address tables and memo, stays out of the traced graph).
+@torch.library.custom_op(
+    "tlr_triton::triton_step",
+    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step"),
+)
+def triton_step_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    first_steps: list[bool],
+    window_sums: list[Tensor],
+    prev_window_sums: list[Tensor],
+    alphas: list[Tensor],
+    step: Tensor,
+    window: int,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    bound: float,
+    statistic: str,
+    scope: str,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """``tlr_triton_step`` as a custom op: momentum buffers must exist (empty list without momentum)."""
+    from tlr_triton.functional import _buckets
+
+    bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    tlr_triton_step(
+        params, grads, bufs, window_sums, prev_window_sums, alphas, step=step, window=window,
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=_buckets(params),
+        grad_scale=grad_scale, found_inf=found_inf, first_steps=first_steps if momentum != 0 else None,
+    )
+
+
+@triton_step_op.register_fake
+def _(params, grads, momentum_buffers, first_steps, window_sums, prev_window_sums, alphas, step, window,
+      momentum, dampening, weight_decay, nesterov, maximize, bound, statistic, scope, grad_scale, found_inf):
+    return None

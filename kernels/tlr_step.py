@@ -181,11 +181,15 @@ def tlr_alpha_kernel(
 
     dot = tl.zeros([RBLOCK], dtype=tl.float64)
     sq = tl.zeros([RBLOCK], dtype=tl.float64)
-    for i in range(start, end, RBLOCK):  # fixed order: deterministic
+    # Fixed order, so deterministic. A while loop: Triton 3.6's interpreter cannot use a
+    # runtime value as a range() bound.
+    i = start
+    while i < end:
         idx = i + tl.arange(0, RBLOCK).to(tl.int64)
         m = idx < end
         dot += tl.load(part_ptr + idx, mask=m, other=0.0)
         sq += tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
+        i += RBLOCK
     dot_s = tl.sum(dot, axis=0)
     sq_s = tl.sum(sq, axis=0)
 

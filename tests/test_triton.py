@@ -290,3 +290,36 @@ def test_gpu_check_script_dry_mode_runs():
     out = subprocess.run([sys.executable, str(script), "--dry"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reference: OK" in out.stdout
+
+
+def test_custom_op_passes_opcheck():
+    """The launch as a torch.library custom op: schema, mutations, fake tensors, AOT dispatch."""
+    from tlr_triton.kernels.launch import triton_step_op
+
+    live = [p for p in make_params(dtype=torch.float32) if p.numel()]
+    grads = [torch.randn_like(p) for p in live]
+    state = [[torch.zeros_like(p) for p in live] for _ in range(3)]
+    args = (live, grads, state[0], [True] * len(live), state[1], state[2], [torch.tensor(0.05)],
+            torch.zeros((), dtype=torch.int64), 2, 0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", None, None)
+    result = torch.library.opcheck(triton_step_op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_compiled_step_matches_reference():
+    """torch.compile traces step() with the launch as one custom op, without graph breaks."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    params = make_params(dtype=torch.float32)
+    qs = twin(params)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    ref = ReferenceTLR(qs, lr=0.05, momentum=0.9, window=2)
+    step = torch.compile(opt.step, backend="eager")
+    for t in range(6):
+        set_grads([params, qs], t)
+        step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, qs, **FP32, msg=f"step {t}")
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # not one per closing step

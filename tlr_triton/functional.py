@@ -181,11 +181,22 @@ def tlr(
     if scope == "tensor" and len(alphas) != len(params):
         raise ValueError(f"scope 'tensor' takes one alpha per tensor, got {len(alphas)} for {len(params)}")
     if backend == "triton":
-        from tlr_triton.kernels.launch import tlr_triton_step
+        from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
 
         if not params:  # the step counter still advances
             step.add_(1 if found_inf is None else (found_inf == 0).to(step.dtype))
             return
+        if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
+            first = [b is None for b in momentum_buffers]
+            if momentum != 0:
+                for i, b in enumerate(momentum_buffers):
+                    if b is None:
+                        momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
+            return triton_step_op(
+                params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
+                alphas, step, window, momentum, dampening, weight_decay, nesterov, maximize, bound, statistic,
+                scope, grad_scale, found_inf,
+            )
         return tlr_triton_step(
             params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
             step=step, window=window, momentum=momentum, dampening=dampening, weight_decay=weight_decay,

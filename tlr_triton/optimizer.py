@@ -273,6 +273,11 @@ class TLR(Optimizer):
         device = next(iter(devices)) if devices else torch.device("cpu")
         group["lr"] = self._alpha_tensor(merged["lr"], device)
         group.setdefault("step", 0)
+        try:  # the Triton path keeps its step counter on the device from the start
+            if devices and _resolve_backend(group["backend"], device, len(self.param_groups) - 1) == "triton":
+                group["step"] = torch.as_tensor(group["step"], dtype=torch.int64).to(device)
+        except RuntimeError:
+            pass  # an impossible Triton request is reported by step()
 
     @staticmethod
     def _alpha_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
@@ -352,8 +357,12 @@ class TLR(Optimizer):
                 return p.device
         return None
 
-    def _init_group(self, group: dict[str, Any], backend: str, device: torch.device):
-        """Gather the tensors with a gradient and create (or convert) their state lazily."""
+    def _init_group(self, group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys) -> None:
+        """Gather the tensors with a gradient into the given lists; create (or convert) their state lazily.
+
+        torch's convention (lists filled in place, nothing returned): torch.compile runs
+        a method of this name eagerly instead of tracing it.
+        """
         lr = group["lr"]
         if not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
             group["lr"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
@@ -363,7 +372,6 @@ class TLR(Optimizer):
         elif backend == "torch" and isinstance(step, Tensor):
             group["step"] = int(step)  # back from the Triton path: one host read, once
 
-        params, grads, bufs, sums, prev_sums, alphas, keys = [], [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None or p.numel() == 0:
                 state = self.state.get(p)
@@ -391,8 +399,7 @@ class TLR(Optimizer):
             if group["scope"] == "tensor":
                 alphas.append(alpha)
         if group["scope"] == "group":
-            alphas = [lr]
-        return params, grads, bufs, sums, prev_sums, alphas, keys
+            alphas.append(lr)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -422,7 +429,8 @@ class TLR(Optimizer):
                 else:
                     group["step"] += 1
                 continue
-            params, grads, bufs, sums, prev_sums, alphas, keys = self._init_group(group, backend, device)
+            params, grads, bufs, sums, prev_sums, alphas, keys = [], [], [], [], [], [], []
+            self._init_group(group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys)
             tlr(
                 params,
                 grads,
