@@ -139,7 +139,7 @@ def tlr_triton_step(
                 copies.append((p, pc))
             work_p.append(pc)
             g = grads[i]
-            work_g.append(g.contiguous().to(dtype))  # no copy when already contiguous and of the weights' dtype
+            work_g.append(g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype))
             if first_steps is not None:
                 firsts.append(int(first_steps[i]))
             elif momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step

@@ -372,6 +372,7 @@ class TLR(Optimizer):
         elif backend == "torch" and isinstance(step, Tensor):
             group["step"] = int(step)  # back from the Triton path: one host read, once
 
+        keys_by_dtype: dict[torch.dtype, str] = {}
         for p in group["params"]:
             if p.grad is None or p.numel() == 0:
                 state = self.state.get(p)
@@ -388,8 +389,11 @@ class TLR(Optimizer):
                 alpha = state["alpha"]
             else:
                 alpha = lr
-            key = window_representation(backend, p.dtype, group["statistic"], group["momentum"])
-            _ensure_window_state(p, state, key, alpha)
+            if p.dtype not in keys_by_dtype:
+                keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, group["statistic"], group["momentum"])
+            key = keys_by_dtype[p.dtype]
+            if key not in state or "prev_window_sum" not in state:
+                _ensure_window_state(p, state, key, alpha)
             params.append(p)
             grads.append(p.grad)
             bufs.append(state.get("momentum_buffer"))
