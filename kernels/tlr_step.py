@@ -182,7 +182,8 @@ def tlr_alpha_kernel(
     dot = tl.zeros([RBLOCK], dtype=tl.float64)
     sq = tl.zeros([RBLOCK], dtype=tl.float64)
     # Fixed order, so deterministic. A while loop: Triton 3.6's interpreter cannot use a
-    # runtime value as a range() bound.
+    # runtime value as a range() bound. On an ordinary step it runs no iteration.
+    end = tl.where(closing, end, start)
     i = start
     while i < end:
         idx = i + tl.arange(0, RBLOCK).to(tl.int64)
