@@ -61,6 +61,28 @@ def _to_param(x, PARAM_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK: tl.constexpr):
+    """This program's block: its index, tensor, element offsets (int64) and in-bounds mask."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(blk_ptr + pid)
+    offs = tl.load(blk_ptr + n_blocks + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    return pid, t, offs, offs < _row(tab_ptr, NUMEL, n_tensors, t)
+
+
+@triton.jit
+def _weights_and_grads(tab_ptr, n_tensors, t, offs, live, scale_ptr,
+                       PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The weights' pointer, the weights and the (unscaled) gradients, upcast to the state dtype."""
+    p_ptr = _row(tab_ptr, PARAM, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = _row(tab_ptr, GRAD, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    w = tl.load(p_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    if HAS_SCALE:
+        g = g / tl.load(scale_ptr).to(STATE_DTYPE)
+    return p_ptr, w, g
+
+
+@triton.jit
 def _direction(w, g, b, first, momentum, dampening, weight_decay, sign,
                HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     """u = sign·(g + λ·w); the new momentum buffer; d (SPEC)."""
@@ -101,10 +123,7 @@ def tlr_step_kernel(
     HAS_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(blk_ptr + pid)
-    offs = tl.load(blk_ptr + n_blocks + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    live = offs < _row(tab_ptr, NUMEL, n_tensors, t)
+    pid, t, offs, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
     if HAS_INF:
         live = _and(live, tl.load(inf_ptr) == 0)
     step = tl.load(step_ptr)
@@ -112,13 +131,8 @@ def tlr_step_kernel(
     closes = _and(live, closing)
     moves = _and(live, closing == 0)
 
-    p_ptr = _row(tab_ptr, PARAM, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = _row(tab_ptr, GRAD, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
+    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, offs, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
     alpha_ptr = _row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))
-    w = tl.load(p_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
-    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
-    if HAS_SCALE:
-        g = g / tl.load(scale_ptr).to(STATE_DTYPE)
 
     b = tl.zeros([BLOCK], dtype=STATE_DTYPE)
     first = 0
@@ -222,17 +236,9 @@ def tlr_move_kernel(
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(blk_ptr + pid)
-    offs = tl.load(blk_ptr + n_blocks + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    live = _and(offs < _row(tab_ptr, NUMEL, n_tensors, t), tl.load(flag_ptr) != 0)
-
-    p_ptr = _row(tab_ptr, PARAM, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = _row(tab_ptr, GRAD, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-    w = tl.load(p_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
-    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
-    if HAS_SCALE:
-        g = g / tl.load(scale_ptr).to(STATE_DTYPE)
+    pid, t, offs, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
+    live = _and(in_tensor, tl.load(flag_ptr) != 0)
+    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, offs, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
     u = sign * (g + weight_decay * w)
     if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
         b_ptr = _row(tab_ptr, MOMENTUM, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
