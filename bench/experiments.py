@@ -1,0 +1,385 @@
+"""The paper's experiments at small scale, on data that ships inside packages.
+
+    python bench/experiments.py                  # default configuration (a few minutes on 2 cores)
+    python bench/experiments.py --full           # every experiment, both tasks, 3 seeds
+    python bench/experiments.py --only robustness --task digits
+    python bench/experiments.py --plot-only      # re-plot and re-tabulate from the JSON files
+
+Tasks: "digits", the paper's MNIST network (one hidden layer of 1000) on scikit-learn's
+digits; "charlm", a small character-level transformer on text from Python's own
+standard library sources (the analogue of the paper's transformer experiment). Splits
+are fixed and seeded. Experiments: robustness (paper Fig. 1), baselines (Fig. 3), bound c
+(Fig. 8), window p (Fig. 6), fixed meta-rate η (Fig. 9). Each writes
+bench/out/<experiment>-<task>.{json,md,png}; finished runs are kept in the JSON, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.models import CharTransformer, mlp  # noqa: E402
+from tlr_triton import TLR  # noqa: E402
+from tlr_triton.reference import HypergradientSGD, NaiveTLR  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+MOMENTUM, WEIGHT_DECAY = 0.8, 5e-4  # the paper's, for every SGD-based method
+
+
+# ----------------------------------------------------------------------------- tasks
+class Digits:
+    name, metric = "digits", "accuracy"
+
+    def __init__(self, seed: int = 0) -> None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x = torch.tensor(x, dtype=torch.float32) / 16.0
+        y = torch.tensor(y, dtype=torch.long)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        n_test = len(x) // 5
+        self.test, self.train = (x[perm[:n_test]], y[perm[:n_test]]), (x[perm[n_test:]], y[perm[n_test:]])
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return mlp(64, 1000, 10)
+
+    def batches(self, batch: int, gen: torch.Generator):
+        x, y = self.train
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch):
+            yield x[perm[i : i + batch]], y[perm[i : i + batch]]
+
+    def steps_per_epoch(self, batch: int) -> int:
+        return math.ceil(len(self.train[0]) / batch)
+
+    def loss(self, model, xb, yb):
+        return nn.functional.cross_entropy(model(xb), yb)
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        loss = self.loss(model, *self.train).item()
+        acc = (model(self.test[0]).argmax(1) == self.test[1]).float().mean().item()
+        return loss, acc
+
+
+class CharLM:
+    """Characters of a fixed list of standard-library modules; 90/10 split of the text."""
+
+    name, metric = "charlm", "perplexity"
+    FILES = ["textwrap.py", "argparse.py", "string.py", "fractions.py", "heapq.py", "bisect.py", "shlex.py"]
+
+    def __init__(self, seed: int = 0, chars: int = 200_000, context: int = 64, epoch_steps: int = 40) -> None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        text = "".join((root / f).read_text(encoding="utf-8") for f in self.FILES if (root / f).exists())[:chars]
+        vocab = sorted(set(text))
+        self.vocab = len(vocab)
+        stoi = {c: i for i, c in enumerate(vocab)}
+        data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+        split = int(0.9 * len(data))
+        self.train_data, self.test_data = data[:split], data[split:]
+        self.context, self.epoch_steps = context, epoch_steps
+        g = torch.Generator().manual_seed(seed + 1)
+        self.eval_train = self._windows(self.train_data, 256, g)
+        self.eval_test = self._windows(self.test_data, 256, g)
+
+    def _windows(self, data, n, gen):
+        start = torch.randint(0, len(data) - self.context - 1, (n,), generator=gen)
+        idx = start[:, None] + torch.arange(self.context + 1)
+        chunk = data[idx]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return CharTransformer(self.vocab, dim=64, layers=2, heads=4, context=self.context)
+
+    def batches(self, batch: int, gen: torch.Generator):
+        for _ in range(self.epoch_steps):  # an "epoch" is a fixed number of random windows
+            yield self._windows(self.train_data, batch, gen)
+
+    def steps_per_epoch(self, batch: int) -> int:
+        return self.epoch_steps
+
+    def loss(self, model, xb, yb):
+        return nn.functional.cross_entropy(model(xb).flatten(0, 1), yb.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        return self.loss(model, *self.eval_train).item(), math.exp(self.loss(model, *self.eval_test).item())
+
+
+TASKS = {"digits": Digits, "charlm": CharLM}
+
+
+# ----------------------------------------------------------------------------- optimizers
+def build(name: str, params, lr: float, epochs: int, steps_per_epoch: int, **kw):
+    """Return (optimizer, scheduler or None). SGD-based methods share momentum 0.8 and wd 5e-4."""
+    sgd = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    params = list(params)
+    if name.startswith("tlr"):  # tlr, tlr-tensor, tlr-direction, tlr-tensor-direction
+        scope = "tensor" if "tensor" in name else "group"
+        statistic = "direction" if "direction" in name else "gradient"
+        return TLR(params, lr=lr, scope=scope, statistic=statistic, **sgd, **kw), None
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, **sgd), None
+    if name == "sgd-multistep":
+        opt = torch.optim.SGD(params, lr=lr, **sgd)
+        total = epochs * steps_per_epoch
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, [total // 2, 3 * total // 4], gamma=0.1)
+    if name == "sgd-exp":  # α decays 100-fold over the run
+        opt = torch.optim.SGD(params, lr=lr, **sgd)
+        return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.01 ** (1 / (epochs * steps_per_epoch)))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=WEIGHT_DECAY), None
+    if name.startswith("hd"):
+        return HypergradientSGD(params, lr=lr, meta_lr=kw.get("meta_lr", 1e-4), **sgd), None
+    if name.startswith("naive"):
+        return NaiveTLR(params, lr=lr, meta_lr=kw.get("meta_lr", 1e-4), **sgd), None
+    if name == "schedulefree":
+        import schedulefree
+
+        return schedulefree.SGDScheduleFree(params, lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY), None
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=1.0, weight_decay=WEIGHT_DECAY), None
+    if name == "dadaptation":
+        from dadaptation import DAdaptSGD
+
+        return DAdaptSGD(params, lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), None
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def optional_peers() -> list[str]:
+    """The learning-rate-free peers that are installed (pip install -e '.[peers]')."""
+    found = []
+    for name, module in (("schedulefree", "schedulefree"), ("prodigy", "prodigyopt"), ("dadaptation", "dadaptation")):
+        try:
+            __import__(module)
+            found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+def alphas(opt) -> list[float]:
+    """The learning rate(s) in use: per group, or per tensor for TLR's scope "tensor"."""
+    out = []
+    for g in opt.param_groups:
+        if isinstance(opt, TLR) and g["scope"] == "tensor":
+            out += [float(opt.state[p]["alpha"]) for p in g["params"] if "alpha" in opt.state.get(p, {})]
+        else:
+            out.append(float(g["lr"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+def train(task, opt_name: str, lr: float, batch: int, epochs: int, seed: int, **kw) -> dict:
+    model = task.model(seed)
+    spe = task.steps_per_epoch(batch)
+    if "window_p" in kw:  # the paper's window: a fraction p of an epoch
+        kw["window"] = max(1, round(kw.pop("window_p") * spe))
+    opt, sched = build(opt_name, model.parameters(), lr, epochs, spe, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    hist = {"loss": [], "metric": [], "alpha": [], "seconds": 0.0, "diverged": False}
+    t0 = time.perf_counter()
+    if hasattr(opt, "train"):  # schedule-free optimizers switch modes
+        opt.train()
+    for _ in range(epochs):
+        for xb, yb in task.batches(batch, gen):
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                loss = task.loss(model, xb, yb)
+                loss.backward()
+                return loss
+
+            if isinstance(opt, NaiveTLR):  # evaluates the loss a second time itself
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+            if sched is not None:
+                sched.step()
+        if hasattr(opt, "eval"):
+            opt.eval()
+        loss, metric = task.evaluate(model)
+        if hasattr(opt, "train"):
+            opt.train()
+        hist["loss"].append(loss)
+        hist["metric"].append(metric)
+        hist["alpha"].append(alphas(opt))
+        if not math.isfinite(loss):
+            hist["diverged"] = True
+            break
+    hist["seconds"] = time.perf_counter() - t0
+    return hist
+
+
+# ----------------------------------------------------------------------------- experiments
+def grid(experiment: str, task: str, full: bool):
+    """The runs of an experiment: list of (label, optimizer, lr, batch, kwargs)."""
+    lr0 = {"digits": 0.01, "charlm": 0.1}[task]
+    batch = {"digits": 128, "charlm": 32}[task]
+    if experiment == "robustness":
+        batches = [64, 128, 256, 512] if task == "digits" else [16, 32, 64, 128]
+        return [(f"{o} lr0={lr} batch={b}", o, lr, b, {}) for o in ("sgd", "tlr") for lr in (1e-3, 1e-2, 1e-1) for b in batches]
+    if experiment == "baselines":
+        names = ["tlr", "tlr-tensor", "tlr-direction", "tlr-tensor-direction", "sgd", "sgd-multistep", "sgd-exp", "adam",
+                 "hd-1e-5", "hd-1e-4", "hd-1e-3", "naive"] + optional_peers()
+        runs = []
+        for n in names:
+            kw = {"meta_lr": float(n.split("-", 1)[1])} if n.startswith("hd") else ({"meta_lr": 1e-4} if n == "naive" else {})
+            runs.append((n, n, 1e-3 if n == "adam" else lr0, batch, kw))
+        return runs
+    if experiment == "bound":
+        return [(f"tlr c={c}", "tlr", lr0, batch, {"bound": c}) for c in (0.25, 1.0, 5.0, 10.0)]
+    if experiment == "window":
+        runs = [(f"tlr p={p}", "tlr", lr0, batch, {"window_p": p}) for p in (0.1, 0.25, 0.33, 1.0)]
+        return runs + [("tlr window=3 (default)", "tlr", lr0, batch, {})]
+    if experiment == "meta":
+        etas = (1e-5, 1e-4, 1e-3, 1e-2) if full else (1e-5, 1e-4, 1e-3)
+        return [(f"hd eta={e}", "hd", lr0, batch, {"meta_lr": e}) for e in etas] + \
+               [(f"naive eta={e}", "naive", lr0, batch, {"meta_lr": e}) for e in etas] + [("tlr", "tlr", lr0, batch, {})]
+    raise ValueError(experiment)
+
+
+EXPERIMENTS = ["robustness", "baselines", "bound", "window", "meta"]
+EPOCHS = {"digits": 30, "charlm": 15}
+
+
+def summarise(task: str, runs: dict) -> list[dict]:
+    """One row per label: final train loss, metric, epochs to 95% of best metric, diverged; mean ± std over seeds."""
+    rows = {}
+    for key, h in runs.items():
+        label = key.rsplit(" seed=", 1)[0]
+        rows.setdefault(label, []).append(h)
+    out = []
+    for label, hs in rows.items():
+        finals = [h["loss"][-1] for h in hs]
+        metrics = [h["metric"][-1] for h in hs]
+        reach = []
+        for h in hs:
+            m = h["metric"]
+            if task == "digits":
+                best = max(m)
+                reach.append(next(i + 1 for i, v in enumerate(m) if v >= 0.95 * best))
+            else:
+                best = min(x for x in m if math.isfinite(x)) if any(math.isfinite(x) for x in m) else float("nan")
+                reach.append(next((i + 1 for i, v in enumerate(m) if v <= best / 0.95), len(m)))
+        out.append(dict(label=label, seeds=len(hs), loss=_ms(finals), metric=_ms(metrics), reach=_ms(reach),
+                        diverged=sum(h["diverged"] for h in hs)))
+    return out
+
+
+def _ms(xs):
+    xs = [float(x) for x in xs]
+    return (statistics.fmean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+
+
+def markdown(experiment: str, task: str, rows: list[dict], runs: dict) -> str:
+    metric = "test accuracy" if task == "digits" else "test perplexity"
+    lines = [f"### {experiment} — {task} ({date.today()}, {platform.machine()}, torch {torch.__version__})", "",
+             f"| run | seeds | final train loss | {metric} | epochs to 95% of best | diverged |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['seeds']} | {r['loss'][0]:.4g} ± {r['loss'][1]:.2g} | {r['metric'][0]:.4g} ± {r['metric'][1]:.2g} "
+                     f"| {r['reach'][0]:.1f} | {r['diverged']} |")
+    if experiment == "robustness":
+        lines += ["", "| optimizer | spread (max/min final train loss) | diverged |", "|---|---:|---:|"]
+        for opt in ("sgd", "tlr"):
+            finals = [h["loss"][-1] for k, h in runs.items() if k.startswith(opt + " ")]
+            ok = [f for f in finals if math.isfinite(f)]
+            spread = max(ok) / min(ok) if ok else float("nan")
+            lines.append(f"| {opt} | {spread:.1f}x | {len(finals) - len(ok)}/{len(finals)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(experiment: str, task: str, runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, h in runs.items():
+        label = key.rsplit(" seed=", 1)[0]
+        if key.endswith("seed=0") or " seed=" not in key:
+            ep = range(1, len(h["loss"]) + 1)
+            style = "--" if label.startswith("sgd") and experiment == "robustness" else "-"
+            ax_loss.plot(ep, h["loss"], style, lw=1, label=label)
+            a = h["alpha"]
+            if a and len(a[0]) > 1:  # per-tensor α: the spread of the tensors' α
+                ax_alpha.fill_between(ep, [min(x) for x in a], [max(x) for x in a], alpha=0.2)
+                ax_alpha.plot(ep, [statistics.median(x) for x in a], style, lw=1, label=label + " (median)")
+            elif a:
+                ax_alpha.plot(ep, [x[0] for x in a], style, lw=1, label=label)
+    for ax, name in ((ax_loss, "train loss"), (ax_alpha, "learning rate α")):
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+    ax_loss.set_title(f"{experiment}: {task}")
+    ax_alpha.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_experiment(experiment: str, task_name: str, seeds: list[int], full: bool, plot_only: bool) -> str:
+    OUT.mkdir(exist_ok=True)
+    stem = OUT / f"{experiment}-{task_name}"
+    saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": {}}
+    runs = saved["runs"]
+    if not plot_only:
+        from tqdm import tqdm
+
+        task = TASKS[task_name]()
+        todo = [(label, o, lr, b, kw, s) for label, o, lr, b, kw in grid(experiment, task_name, full) for s in seeds
+                if f"{label} seed={s}" not in runs]
+        for label, o, lr, b, kw, s in tqdm(todo, desc=f"{experiment}/{task_name}", unit="run"):
+            runs[f"{label} seed={s}"] = train(task, o, lr, b, EPOCHS[task_name], s, **kw)
+            stem.with_suffix(".json").write_text(json.dumps({"experiment": experiment, "task": task_name, "runs": runs}))
+    rows = summarise(task_name, runs)
+    text = markdown(experiment, task_name, rows, runs)
+    stem.with_suffix(".md").write_text(text)
+    plot(experiment, task_name, runs, stem.with_suffix(".png"))
+    return text
+
+
+DEFAULT = [("robustness", "digits"), ("baselines", "digits"), ("window", "digits"), ("baselines", "charlm")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="every experiment on both tasks, 3 seeds")
+    ap.add_argument("--only", choices=EXPERIMENTS, nargs="+")
+    ap.add_argument("--task", choices=list(TASKS), nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--plot-only", action="store_true", help="re-plot and re-tabulate from bench/out/*.json")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.full or args.only or args.task:
+        plan = [(e, t) for e in (args.only or EXPERIMENTS) for t in (args.task or list(TASKS))]
+    else:
+        plan = DEFAULT
+    seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    t0 = time.perf_counter()
+    report = [run_experiment(e, t, seeds, args.full, args.plot_only) for e, t in plan]
+    (OUT / "summary.md").write_text("\n".join(report))
+    print("\n".join(report))
+    print(f"({time.perf_counter() - t0:.0f} s; tables, JSON and figures in {OUT})")
+
+
+if __name__ == "__main__":
+    main()
