@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up ./.venv, then train the paper's MNIST network on scikit-learn's digits with TLR and SGD side by side.
+# Set up ./.venv, then run the default configuration of the paper's experiments (bench/experiments.py; extra arguments go to it).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup.sh
-exec .venv/bin/python bench/train_digits.py "$@"
+exec .venv/bin/python bench/experiments.py "$@"
