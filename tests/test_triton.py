@@ -323,3 +323,27 @@ def test_compiled_step_matches_reference():
         assert_matches_reference(opt, ref, params, qs, **FP32, msg=f"step {t}")
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # not one per closing step
+
+
+def test_triton_checkpoint_loads_into_the_torch_path_and_continues():
+    """A Triton-path checkpoint (device step counter, window snapshots) resumes on the PyTorch path."""
+    params = make_params(dtype=torch.float64)
+    qs = twin(params)
+    opt = TLR(params, lr=0.05, window=3, statistic="direction", momentum=0.9, backend="triton")
+    ref = ReferenceTLR(qs, lr=0.05, window=3, statistic="direction", momentum=0.9)
+    for t in range(4):
+        set_grads([params, qs], t)
+        opt.step()
+        ref.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["backend"] = "auto"  # as written on a CUDA machine with the default backend
+    resumed_params = twin(params)
+    resumed = TLR(resumed_params, lr=0.05, window=3, statistic="direction", momentum=0.9)
+    resumed.load_state_dict(saved)  # "auto" on CPU tensors: the PyTorch path
+    assert resumed.param_groups[0]["step"] == 4 and isinstance(resumed.param_groups[0]["step"], int)
+    assert "window_start" in resumed.state[resumed_params[0]]  # converted to A at the first step
+    for t in range(4, 9):
+        set_grads([resumed_params, qs], t)
+        resumed.step()
+        ref.step()
+        assert_matches_reference(resumed, ref, resumed_params, qs, msg=f"step {t}")

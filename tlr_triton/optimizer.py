@@ -322,7 +322,10 @@ class TLR(Optimizer):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["lr"] = self._alpha_tensor(group["lr"], device)
             if isinstance(group["step"], Tensor):  # written by the Triton path: keep it where it will run
-                on_triton = _resolve_backend(group["backend"], device, index) == "triton" if group["params"] else False
+                try:
+                    on_triton = bool(group["params"]) and _resolve_backend(group["backend"], device, index) == "triton"
+                except RuntimeError:  # an impossible Triton request: step() reports it
+                    on_triton = False
                 group["step"] = group["step"].to(device, torch.int64, copy=True) if on_triton else int(group["step"])
 
     # ------------------------------------------------------------------ step
