@@ -1,7 +1,8 @@
-"""Probe: does a window that grows with the run serve both tasks? (evidence for the next default)
+"""Probe: does a window that adapts to the run serve both tasks? (evidence for the next default)
 
     python bench/window_schedule_probe.py digits 0.5     # the digits robustness grid, W = max(3, round(k·√t))
     python bench/window_schedule_probe.py charlm 1.0     # charlm, α0 ∈ {1e-3, 1e-2, 1e-1}
+    python bench/window_schedule_probe.py digits cos0.1  # extend a 3-step window until |cos(A, P)| >= 0.1 (at most 48 steps)
 
 TLR has no window schedule yet; this probe closes windows at the scheduled steps from
 the outside, through the public ``group["window"]`` (the optimizer closes a window when
@@ -27,12 +28,17 @@ def run(task, lr: float, batch: int, epochs: int, k: float, w0: int = 3, seed: i
     opt = TLR(model.parameters(), lr=lr, momentum=E.MOMENTUM, weight_decay=E.WEIGHT_DECAY)
     group = opt.param_groups[0]
     gen = torch.Generator().manual_seed(seed)
-    step, next_close = 0, w0 - 1
+    step, next_close, start = 0, w0 - 1, 0
     for _ in range(epochs):
         for xb, yb in task.batches(batch, gen):
             opt.zero_grad()
             task.loss(model, xb, yb).backward()
-            if step == next_close:
+            if isinstance(k, str):  # "cos<κ>": close at a 3-step boundary once the sums agree or disagree clearly
+                close = (step + 1 - start) % w0 == 0 and (step + 1 - start >= 48 or _informative(opt, float(k[3:])))
+                if close:
+                    start = step + 1
+                group["window"] = step + 1 if close else step + 2
+            elif step == next_close:
                 group["window"] = step + 1
                 next_close = step + max(w0, round(k * math.sqrt(step + 1)))
             else:
@@ -43,8 +49,21 @@ def run(task, lr: float, batch: int, epochs: int, k: float, w0: int = 3, seed: i
     return loss, metric, float(group["lr"])
 
 
+def _informative(opt, kappa: float) -> bool:
+    """|cos(A, P)| >= κ over the group (A as it stands before this step), or no previous window yet."""
+    dot = sq = psq = 0.0
+    for st in opt.state.values():
+        if "window_sum" in st:
+            a, p = st["window_sum"], st["prev_window_sum"]
+            dot += float((a * p).sum())
+            sq += float((a * a).sum())
+            psq += float((p * p).sum())
+    return psq == 0 or sq == 0 or abs(dot) >= kappa * math.sqrt(sq * psq)
+
+
 def main() -> None:
-    which, k = sys.argv[1], float(sys.argv[2])
+    which, k = sys.argv[1], sys.argv[2]
+    k = k if k.startswith("cos") else float(k)
     if which == "charlm":
         task = E.CharLM()
         for lr in (1e-3, 1e-2, 1e-1):
