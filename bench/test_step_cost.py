@@ -37,7 +37,13 @@ OPTIMIZERS = {
     "sgd-foreach": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True), 1),
     "sgd-fused": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True), 1),
     "tlr-torch-w1": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=1, backend="torch"), 1),
+    "tlr-torch-w3 (default)": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="torch"), 3),
     "tlr-torch-w10": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=10, backend="torch"), 10),
+    "tlr-torch-w100": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=100, backend="torch"), 100),
+    "tlr-torch-w10-direction": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=10,
+                                                statistic="direction", backend="torch"), 10),
+    "tlr-torch-w10-tensor": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=10,
+                                             scope="tensor", backend="torch"), 10),
 }
 if DEVICE == "cuda":  # the Triton path needs a GPU to be timed (the interpreter is not a benchmark)
     OPTIMIZERS["tlr-triton-w1"] = (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=1, backend="triton"), 1)
@@ -63,4 +69,4 @@ def test_step(benchmark, layout, optimizer):
     benchmark.group = layout
     benchmark.extra_info.update(layout=layout, optimizer=optimizer, steps_per_call=steps,
                                 params=sum(p.numel() for p in params), tensors=len(params))
-    benchmark.pedantic(window, rounds=7, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(window, rounds=7 if steps < 100 else 3, warmup_rounds=1, iterations=1)
