@@ -1,4 +1,5 @@
-"""The functional core of TLR: one entry point, ``tlr()``, and the PyTorch path behind it.
+"""The functional core of TLR: one entry point, ``tlr()``, with the PyTorch path here and
+the Triton path in ``tlr_triton.kernels`` (imported only when used).
 
 The math is ``SPEC.md`` (paper Algorithm 2 with the Section 4 window). Per step, for the
 tensors of one parameter group that have a gradient::
@@ -161,9 +162,9 @@ def tlr(
         params, grads: the tensors that have a gradient, and their gradients.
         momentum_buffers: one entry per tensor, ``None`` before its first step; new
             buffers are written into this list (the caller stores them).
-        window_sums, prev_window_sums: A and P, contiguous, in ``state_dtype``. A closing
-            step swaps the two lists' entries (P ← A, A ← the old P zeroed); the caller
-            stores both lists back.
+        window_sums, prev_window_sums: A and P, contiguous, in ``state_dtype``. On the
+            PyTorch path a closing step swaps the two lists' entries (P ← A, A ← the old
+            P zeroed); the caller stores both lists back.
         alphas: float32 0-dim tensors, updated in place: one (scope "group") or one per
             tensor (scope "tensor").
         step, window: the group's step count before this step and its window; the step
