@@ -293,8 +293,10 @@ def summarise(task: str, runs: dict) -> list[dict]:
 
 
 def _ms(xs):
+    """Mean and population standard deviation; NaN/inf (diverged runs) propagate."""
     xs = [float(x) for x in xs]
-    return (statistics.fmean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs)) if len(xs) > 1 else 0.0
 
 
 def markdown(experiment: str, task: str, rows: list[dict], runs: dict) -> str:

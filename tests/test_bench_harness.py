@@ -45,3 +45,10 @@ def test_charlm_task_builds_from_stdlib_text():
     task = experiments.CharLM(chars=20_000, epoch_steps=2)
     h = experiments.train(task, "tlr", 0.1, 8, 1, 0)
     assert task.vocab > 30 and math.isfinite(h["loss"][-1]) and h["metric"][-1] > 1
+
+
+def test_summary_survives_diverged_runs():
+    runs = {f"x seed={s}": {"loss": [1.0, v], "metric": [0.5, 0.1], "alpha": [[0.1], [0.1]], "initial_loss": 2.3}
+            for s, v in enumerate([float("nan"), 0.5, float("inf")])}
+    (row,) = experiments.summarise("digits", runs)
+    assert row["diverged"] == 2 and math.isnan(row["loss"][0])
