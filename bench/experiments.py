@@ -118,7 +118,8 @@ class CharLM:
 
     @torch.no_grad()
     def evaluate(self, model):
-        return self.loss(model, *self.eval_train).item(), math.exp(self.loss(model, *self.eval_test).item())
+        test = self.loss(model, *self.eval_test).item()
+        return self.loss(model, *self.eval_train).item(), math.exp(test) if test < 700 else math.inf  # diverged: inf
 
 
 TASKS = {"digits": Digits, "charlm": CharLM}
