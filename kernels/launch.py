@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from tlr_triton.functional import state_dtype, window_representation
+from tlr_triton.functional import advance_step, state_dtype, window_representation
 
 from . import tlr_step as K
 
@@ -210,10 +210,7 @@ def tlr_triton_step(
             )
     for p, pc in copies:
         p.copy_(pc)
-    if found_inf is None:
-        step.add_(1)
-    else:
-        step.add_((found_inf == 0).to(step.dtype))
+    advance_step(step, found_inf)
 
 
 class _device_guard:

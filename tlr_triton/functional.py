@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation"]
+__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "advance_step"]
 
 # α is stored in float32; a product that leaves the normal float32 range is refused
 # (α keeps its old value), so α is never 0, subnormal, inf or NaN.
@@ -31,6 +31,11 @@ _ALPHA_MAX = torch.finfo(torch.float32).max
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """dtype of every state buffer of a parameter: fp32, or the parameter's if wider."""
     return torch.promote_types(param_dtype, torch.float32)
+
+
+def advance_step(step: Tensor, found_inf: Tensor | None) -> None:
+    """Advance a device step counter by one, or not at all when AMP found an inf (no host read)."""
+    step.add_(1 if found_inf is None else (found_inf == 0).to(step.dtype))
 
 
 def window_representation(backend: str, dtype: torch.dtype, statistic: str, momentum: float) -> str:
@@ -185,7 +190,7 @@ def tlr(
         from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
 
         if not params:  # the step counter still advances
-            step.add_(1 if found_inf is None else (found_inf == 0).to(step.dtype))
+            advance_step(step, found_inf)
             return
         if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
             first = [b is None for b in momentum_buffers]

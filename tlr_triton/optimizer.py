@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .functional import state_dtype, tlr, window_representation
+from .functional import advance_step, state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "DEFAULT_LR", "DEFAULT_WINDOW"]
 
@@ -432,7 +432,7 @@ class TLR(Optimizer):
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
             if device is None:  # nothing to update; the step still counts
                 if isinstance(group["step"], Tensor):
-                    group["step"].add_(1 if found_inf is None else (found_inf == 0).to(torch.int64))
+                    advance_step(group["step"], found_inf)
                 else:
                     group["step"] += 1
                 continue
