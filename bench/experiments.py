@@ -254,7 +254,8 @@ def grid(experiment: str, task: str, full: bool):
         return [(f"tlr c={c}", "tlr", lr0, batch, {"bound": c}) for c in (0.25, 1.0, 5.0, 10.0)]
     if experiment == "window":
         runs = [(f"tlr p={p}", "tlr", lr0, batch, {"window_p": p}) for p in (0.1, 0.25, 0.33, 1.0)]
-        return runs + [("tlr window=3 (default)", "tlr", lr0, batch, {})]
+        return runs + [("tlr window=3 (fixed)", "tlr", lr0, batch, {"window": 3}),
+                       ("tlr window=auto (default)", "tlr", lr0, batch, {})]
     if experiment == "meta":
         etas = (1e-5, 1e-4, 1e-3, 1e-2) if full else (1e-5, 1e-4, 1e-3)
         return [(f"hd eta={e}", "hd", lr0, batch, {"meta_lr": e}) for e in etas] + \

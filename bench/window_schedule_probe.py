@@ -2,6 +2,7 @@
 
     python bench/window_schedule_probe.py digits 0.5     # the digits robustness grid, W = max(3, round(k·√t))
     python bench/window_schedule_probe.py charlm 1.0     # charlm, α0 ∈ {1e-3, 1e-2, 1e-1}
+    python bench/window_schedule_probe.py charlm grow0.1 # W0 = 3; after a closing with |r| < 0.1 the next window is 3 steps longer (≤ 48), else 3
     python bench/window_schedule_probe.py digits cos0.1  # extend a 3-step window until |cos(A, P)| >= 0.1 (at most 48 steps)
 
 TLR has no window schedule yet; this probe closes windows at the scheduled steps from
@@ -28,11 +29,26 @@ def run(task, lr: float, batch: int, epochs: int, k: float, w0: int = 3, seed: i
     opt = TLR(model.parameters(), lr=lr, momentum=E.MOMENTUM, weight_decay=E.WEIGHT_DECAY)
     group = opt.param_groups[0]
     gen = torch.Generator().manual_seed(seed)
-    step, next_close, start = 0, w0 - 1, 0
+    step, next_close, start, length = 0, w0 - 1, 0, w0
     for _ in range(epochs):
         for xb, yb in task.batches(batch, gen):
             opt.zero_grad()
             task.loss(model, xb, yb).backward()
+            if isinstance(k, str) and k.startswith("grow"):  # "grow<ρ>": window length L in units of w0
+                if step == next_close:
+                    group["window"] = step + 1
+                else:
+                    group["window"] = step + 2
+                a_before = float(group["lr"])
+                opt.step()
+                if step == next_close:
+                    r = float(group["lr"]) / a_before - 1.0
+                    rho, _, units = k[4:].partition("k")
+                    strong = r >= 0.999 * 0.25 if rho == "cap" else abs(r) >= float(rho)
+                    length = w0 if strong else min(length + w0, int(units or 16) * w0)
+                    next_close = step + length
+                step += 1
+                continue
             if isinstance(k, str):  # "cos<κ>": close at a 3-step boundary once the sums agree or disagree clearly
                 close = (step + 1 - start) % w0 == 0 and (step + 1 - start >= 48 or _informative(opt, float(k[3:])))
                 if close:
@@ -63,7 +79,7 @@ def _informative(opt, kappa: float) -> bool:
 
 def main() -> None:
     which, k = sys.argv[1], sys.argv[2]
-    k = k if k.startswith("cos") else float(k)
+    k = k if k[0].isalpha() else float(k)
     if which == "charlm":
         task = E.CharLM()
         for lr in (1e-3, 1e-2, 1e-1):

@@ -99,6 +99,9 @@ def tlr_triton_step(
     *,
     step: Tensor,
     window: int,
+    units: int = 1,
+    window_reset: float = 0.1,
+    window_state: Tensor | None = None,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -120,8 +123,12 @@ def tlr_triton_step(
     ``window_sums`` holds S (the window-start weights, parameter dtype) for the buckets
     where ``window_representation`` says "window_start", else A; ``step`` is the group's
     int64 step counter on the device, advanced here (not when ``found_inf`` is set).
+    ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
+    updated here; windows are k·``window`` steps, 1 <= k <= ``units``.
     """
     device = step.device
+    if window_state is None:
+        window_state = torch.tensor([0, 1], dtype=torch.int64, device=device)
     alpha_of = (lambda i: alphas[0]) if scope == "group" else (lambda i: alphas[i])
     state_key = []
     launches = []
@@ -162,7 +169,7 @@ def tlr_triton_step(
         key = (device, dtype, tuple(map(tuple, rows)))
         tab, blk = tables.get(key, lambda: _bucket_table(device, rows, nblk))
         state_key.append(key)
-        launches.append((idx, dtype, snap, tab, blk, len(idx), sum(nblk), total))
+        launches.append((idx, dtype, snap, tab, blk, len(idx), sum(nblk), total, int(not launches)))
         part_offsets.append(total)
         nblks.append(nblk)
         total += sum(nblk)
@@ -185,22 +192,22 @@ def tlr_triton_step(
     )
     sign = -1.0 if maximize else 1.0
     with _device_guard(device):
-        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
+        for idx, dtype, snap, tab, blk, n, n_blocks, offset, first_launch in launches:
             K.tlr_step_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, part, part.shape[1], offset, step,
                 grad_scale if grad_scale is not None else dummy,
                 found_inf if found_inf is not None else dummy,
-                window, momentum, dampening, weight_decay, sign,
+                window_state, flag, first_launch, window, units, momentum, dampening, weight_decay, sign,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
                 SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap,
                 HAS_INF=found_inf is not None, BLOCK=BLOCK, **kw,
             )
         K.tlr_alpha_kernel[(scopes.shape[1],)](
-            scopes, scopes.shape[1], part, part.shape[1], step,
-            found_inf if found_inf is not None else dummy, flag, window, bound,
+            scopes, scopes.shape[1], part, part.shape[1], total, step,
+            found_inf if found_inf is not None else dummy, flag, window_state, window, units, window_reset, bound,
             HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
         )
-        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
+        for idx, dtype, snap, tab, blk, n, n_blocks, offset, _ in launches:
             K.tlr_move_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, flag,
                 grad_scale if grad_scale is not None else dummy,
@@ -230,7 +237,7 @@ class _device_guard:
 # launcher's host work, address tables and memo, stays out of the traced graph).
 @torch.library.custom_op(
     "tlr_triton::triton_step",
-    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step"),
+    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step", "window_state"),
 )
 def triton_step_op(
     params: list[Tensor],
@@ -242,6 +249,9 @@ def triton_step_op(
     alphas: list[Tensor],
     step: Tensor,
     window: int,
+    units: int,
+    window_reset: float,
+    window_state: Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -258,7 +268,8 @@ def triton_step_op(
 
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     tlr_triton_step(
-        params, grads, bufs, window_sums, prev_window_sums, alphas, step=step, window=window,
+        params, grads, bufs, window_sums, prev_window_sums, alphas, step=step, window=window, units=units,
+        window_reset=window_reset, window_state=window_state,
         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=_buckets(params),
         grad_scale=grad_scale, found_inf=found_inf, first_steps=first_steps if momentum != 0 else None,
@@ -266,6 +277,6 @@ def triton_step_op(
 
 
 @triton_step_op.register_fake
-def _(params, grads, momentum_buffers, first_steps, window_sums, prev_window_sums, alphas, step, window,
-      momentum, dampening, weight_decay, nesterov, maximize, bound, statistic, scope, grad_scale, found_inf):
+def _(params, grads, momentum_buffers, first_steps, window_sums, prev_window_sums, alphas, step, window, units,
+      window_reset, window_state, momentum, dampening, weight_decay, nesterov, maximize, bound, statistic, scope, grad_scale, found_inf):
     return None

@@ -2,16 +2,17 @@
 
 One step of one param group is three launches, always the same three, so that a CUDA
 graph can capture them; whether the step closes a window is decided on the device from
-the group's step counter:
+the group's step counter and window state (units of W0 steps so far, length k):
 
 1. ``tlr_step_kernel``, one program per block of BLOCK elements of any tensor:
    direction (weight decay, momentum, nesterov, maximize), window statistic and, on an
    ordinary step, the weight update with α read from device memory. On a closing step
    it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A into P, and leaves
-   the weights for launch 3.
+   the weights for launch 3. Its first program writes the "closes" flag.
 2. ``tlr_alpha_kernel``, one program per α-scope: on a closing step, sums its blocks'
    partials in a fixed order (no atomics: bit-identical runs), applies SPEC's Newton
-   factor with its guards and writes α; writes the "closed" flag for launch 3.
+   factor with its guards and writes α; its first program advances the window state
+   (the adaptive window's next length comes from the whole group's Newton step).
 3. ``tlr_move_kernel``: on a closing step, moves the weights with the new α
    (Algorithm 2's order) and restarts the window snapshot; otherwise it does nothing.
 
@@ -110,7 +111,11 @@ def tlr_step_kernel(
     step_ptr,         # int64: the group's step counter (before this step)
     scale_ptr,        # fp32: AMP's grad scale (read if HAS_SCALE)
     inf_ptr,          # fp32: AMP's found_inf (read if HAS_INF): nonzero = skip the step
-    window,           # steps per window
+    ws_ptr,           # int64 [2]: the window's state, units so far and its length k in units
+    flag_ptr,         # int32: written here (first bucket's first program): 1 if this step closes
+    write_flag,       # 1 for the group's first bucket
+    window,           # steps per unit (W0)
+    units,            # the longest window, in units (K; 1 = fixed windows)
     momentum, dampening, weight_decay,
     sign,             # -1.0 with maximize, else 1.0
     PARAM_DTYPE: tl.constexpr,
@@ -126,8 +131,13 @@ def tlr_step_kernel(
     pid, t, offs, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
     if HAS_INF:
         live = _and(live, tl.load(inf_ptr) == 0)
-    step = tl.load(step_ptr)
-    closing = ((step + 1) % window) == 0
+    closing = _closing(step_ptr, ws_ptr, window, units)
+    if pid == 0:
+        if write_flag != 0:  # for the α and move kernels; nothing else in this launch reads it
+            if HAS_INF:
+                tl.store(flag_ptr, _and(closing, tl.load(inf_ptr) == 0).to(tl.int32))
+            else:
+                tl.store(flag_ptr, closing.to(tl.int32))
     closes = _and(live, closing)
     moves = _and(live, closing == 0)
 
@@ -172,15 +182,53 @@ def tlr_step_kernel(
 
 
 @triton.jit
+def _closing(step_ptr, ws_ptr, window, units):
+    """Whether this step closes the window: it ends a unit of W0 steps, and the window has its k units."""
+    unit_ends = ((tl.load(step_ptr) + 1) % window) == 0
+    k = tl.minimum(tl.load(ws_ptr + 1), units)
+    return _and(unit_ends, (tl.load(ws_ptr) + 1) >= k)
+
+
+@triton.jit
+def _reduce(part_ptr, n_part, start, end, RBLOCK: tl.constexpr):
+    """Σ of the partial ⟨A, P⟩ and ‖A‖² of blocks [start, end), in a fixed order (deterministic).
+
+    A while loop: Triton 3.6's interpreter cannot use a runtime value as a range() bound.
+    """
+    dot = tl.zeros([RBLOCK], dtype=tl.float64)
+    sq = tl.zeros([RBLOCK], dtype=tl.float64)
+    i = start
+    while i < end:
+        idx = i + tl.arange(0, RBLOCK).to(tl.int64)
+        m = idx < end
+        dot += tl.load(part_ptr + idx, mask=m, other=0.0)
+        sq += tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
+        i += RBLOCK
+    return tl.sum(dot, axis=0), tl.sum(sq, axis=0)
+
+
+@triton.jit
+def _newton_r(dot, sq, bound):
+    """SPEC: r = dot / max(4(sq - dot), dot / c); r := 0 for a non-positive denominator or a non-finite r."""
+    denom = tl.maximum(4.0 * (sq - dot), dot / bound)
+    r = dot / tl.where(denom > 0, denom, 1.0)
+    return tl.where(_and(denom > 0, tl.abs(r) <= 1.7976931348623157e308), r, 0.0)  # NaN fails <=
+
+
+@triton.jit
 def tlr_alpha_kernel(
     scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
     n_scopes,
     part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖²
     n_part,
+    n_total,          # blocks of the whole group
     step_ptr,         # int64: the group's step counter (before this step)
     inf_ptr,
-    flag_ptr,         # int32: set to 1 when this step closed a window (read by the move kernel)
+    flag_ptr,         # int32: 1 when this step closes a window (written by the step kernel)
+    ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced by program 0
     window,
+    units,
+    window_reset,
     bound,            # the paper's c
     HAS_INF: tl.constexpr,
     RBLOCK: tl.constexpr,
@@ -189,37 +237,29 @@ def tlr_alpha_kernel(
     start = tl.load(scope_ptr + s)
     end = tl.load(scope_ptr + n_scopes + s)
     alpha_ptr = tl.load(scope_ptr + 2 * n_scopes + s).to(tl.pointer_type(tl.float32))
-    closing = ((tl.load(step_ptr) + 1) % window) == 0
-    if HAS_INF:
-        closing = _and(closing, tl.load(inf_ptr) == 0)
+    closing = tl.load(flag_ptr) != 0
 
-    dot = tl.zeros([RBLOCK], dtype=tl.float64)
-    sq = tl.zeros([RBLOCK], dtype=tl.float64)
-    # Fixed order, so deterministic. A while loop: Triton 3.6's interpreter cannot use a
-    # runtime value as a range() bound. On an ordinary step it runs no iteration.
-    end = tl.where(closing, end, start)
-    i = start
-    while i < end:
-        idx = i + tl.arange(0, RBLOCK).to(tl.int64)
-        m = idx < end
-        dot += tl.load(part_ptr + idx, mask=m, other=0.0)
-        sq += tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
-        i += RBLOCK
-    dot_s = tl.sum(dot, axis=0)
-    sq_s = tl.sum(sq, axis=0)
-
-    # SPEC: r = dot / max(4(sq - dot), dot / c); r := 0 for a non-positive denominator or
-    # a non-finite r; a new α outside float32's normal range is refused.
-    denom = tl.maximum(4.0 * (sq_s - dot_s), dot_s / bound)
-    r = dot_s / tl.where(denom > 0, denom, 1.0)
-    r = tl.where(_and(denom > 0, tl.abs(r) <= 1.7976931348623157e308), r, 0.0)  # NaN fails <=
+    # On an ordinary step the reduction runs no iteration.
+    dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
+    r = _newton_r(dot_s, sq_s, bound)
+    # A new α outside float32's normal range is refused.
     old = tl.load(alpha_ptr).to(tl.float64)
     new = old * (1.0 + r)
     keep = _and(new >= 1.1754943508222875e-38, new <= 3.4028234663852886e38)
     new = tl.where(_and(keep, closing), new, old)
     tl.store(alpha_ptr, new.to(tl.float32))
-    if s == 0:
-        tl.store(flag_ptr, closing.to(tl.int32))
+
+    if s == 0:  # the window's state: the next window's length from the group's Newton step
+        unit_ends = ((tl.load(step_ptr) + 1) % window) == 0
+        if HAS_INF:
+            unit_ends = _and(unit_ends, tl.load(inf_ptr) == 0)
+        dot_g, sq_g = _reduce(part_ptr, n_part, 0, tl.where(_and(closing, units > 1), n_total, 0), RBLOCK)
+        r_g = _newton_r(dot_g, sq_g, bound)
+        done = tl.load(ws_ptr)
+        k = tl.minimum(tl.load(ws_ptr + 1), units)
+        next_k = tl.where(tl.abs(r_g) >= window_reset, 1, tl.minimum(k + 1, units))
+        tl.store(ws_ptr, tl.where(closing, 0, tl.where(unit_ends, done + 1, done)))
+        tl.store(ws_ptr + 1, tl.where(closing, next_k, k))
 
 
 @triton.jit

@@ -19,10 +19,14 @@ def twin(params):
     return [p.detach().clone().requires_grad_() for p in params]
 
 
-def set_grads(param_lists, step, dtype=None, skip=()):
-    """The same random gradient on each twin; parameters whose index is in `skip` get None."""
+def set_grads(param_lists, step, dtype=None, skip=(), signal=0.0):
+    """The same random gradient on each twin; parameters whose index is in `skip` get None.
+
+    ``signal`` adds that multiple of a fixed direction (all ones) to the noise, so that
+    consecutive windows agree (a large Newton step) instead of being independent.
+    """
     first = param_lists[0]
-    grads = [None if i in skip else torch.randn(p.shape, dtype=dtype or p.dtype) for i, p in enumerate(first)]
+    grads = [None if i in skip else torch.randn(p.shape, dtype=dtype or p.dtype) + signal for i, p in enumerate(first)]
     for params in param_lists:
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.to(p.dtype).clone()
@@ -69,6 +73,8 @@ def assert_matches_reference(opt, ref, params, ref_params, rtol=None, atol=None,
             )
     for gi, (g, rg) in enumerate(zip(opt.param_groups, ref.param_groups)):
         assert int(g["step"]) == rg["step"]
+        done, k = (int(x) for x in g["window_state"])
+        assert (done, k) == (rg["units_done"], rg["units"]), f"{msg} group {gi} window state {(done, k)} vs reference"
         for p, q in zip(g["params"], rg["params"]):
             if p in opt.state and (g["scope"] == "group" or "alpha" in opt.state[p]):
                 a, b = alpha_of(opt, gi, p), alpha_of(ref, gi, q)
@@ -76,10 +82,13 @@ def assert_matches_reference(opt, ref, params, ref_params, rtol=None, atol=None,
                 assert abs(a - b) <= rel * abs(b), f"{msg} group {gi} alpha {a} vs reference {b}"
 
 
-def lockstep(groups_spec, steps=8, dtype=torch.float64, rtol=None, atol=None, skip_at=None, **defaults):
+def lockstep(groups_spec, steps=8, dtype=torch.float64, rtol=None, atol=None, skip_at=None, signal_at=None,
+             after_step=None, **defaults):
     """Run TLR and ReferenceTLR side by side on the same gradients, comparing after each step.
 
     groups_spec: list of dicts of per-group options (each gets its own parameter list).
+    ``signal_at(t)``: the ``signal`` of ``set_grads`` at step t (default 0: pure noise).
+    ``after_step(opt, ref)`` runs after each compared step.
     Returns (opt, ref, params, ref_params).
     """
     groups, rgroups, params, ref_params = [], [], [], []
@@ -94,8 +103,10 @@ def lockstep(groups_spec, steps=8, dtype=torch.float64, rtol=None, atol=None, sk
     ref = ReferenceTLR(rgroups, **{k: v for k, v in defaults.items() if k != "backend"})
     for t in range(steps):
         skip = skip_at(t) if skip_at else ()
-        set_grads([params, ref_params], t, skip=skip)
+        set_grads([params, ref_params], t, skip=skip, signal=signal_at(t) if signal_at else 0.0)
         opt.step()
         ref.step()
         assert_matches_reference(opt, ref, params, ref_params, rtol, atol, msg=f"step {t}:")
+        if after_step:
+            after_step(opt, ref)
     return opt, ref, params, ref_params

@@ -14,6 +14,8 @@ CONFIGS = [
     dict(window=2, momentum=0.9, weight_decay=1e-2),
     dict(window=2, momentum=0.9, nesterov=True, statistic="direction", scope="tensor", maximize=True),
     dict(window=3, momentum=0.5, dampening=0.5, scope="tensor"),
+    dict(window=1, max_window=3, momentum=0.9, scope="tensor"),  # adaptive: the device decides the closings
+    dict(momentum=0.9, weight_decay=1e-2),  # the default, window="auto"
 ]
 
 

@@ -81,3 +81,29 @@ def test_long_run_alpha_trajectory():
     """60 steps, window 5: α moves through many windows and still matches."""
     opt, ref, _, _ = lockstep([{}], steps=60, lr=0.02, momentum=0.8, weight_decay=5e-4, window=5)
     assert float(opt.param_groups[0]["lr"]) != pytest.approx(0.02)
+
+
+ADAPTIVE = list(itertools.product(["group", "tensor"], ["gradient", "direction"], ["plain", "momentum", "nesterov"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("scope,statistic,mom", ADAPTIVE)
+def test_adaptive_window_matches_reference(dtype, scope, statistic, mom):
+    """Windows of k units (1..4 units of 2 steps): lengths, closings and α agree with the reference."""
+    rtol, atol = TOLERANCES[dtype]
+    lengths = []
+    # noise (small Newton steps: the window grows), then 8 steps along one direction
+    # (consecutive windows agree: a large step, the window is short again), then noise
+    lockstep([{}], steps=40, dtype=dtype, rtol=rtol, atol=atol, lr=0.05, scope=scope, statistic=statistic,
+             window=2, max_window=8, window_reset=0.1, weight_decay=1e-2, signal_at=lambda t: 3.0 * (24 <= t < 32),
+             after_step=lambda opt, ref: lengths.append(int(opt.param_groups[0]["window_state"][1])), **MOMENTA[mom])
+    # the run must exercise both rules: growth over several units, and a reset after it grew
+    assert max(lengths) >= 3, lengths
+    assert any(a > 1 and b == 1 for a, b in zip(lengths, lengths[1:])), lengths
+
+
+def test_default_window_is_adaptive_and_matches_reference():
+    """window="auto" (W0 = 3, up to 48 steps) over 90 steps."""
+    opt, ref, _, _ = lockstep([{}], steps=90, lr=0.02, momentum=0.8, weight_decay=5e-4)
+    assert opt.param_groups[0]["window"] == "auto"
+    assert ref.param_groups[0]["units"] > 1  # the window grew at least once

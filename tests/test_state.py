@@ -144,7 +144,7 @@ def test_deepcopy_and_repr():
     assert public == {"defaults", "state", "param_groups"} and public <= vars(dup).keys()
     assert_same_state(opt, dup)
     text = repr(opt)
-    assert text.startswith("TLR (") and "window: 3" in text and "statistic: gradient" in text
+    assert text.startswith("TLR (") and "window: auto" in text and "statistic: gradient" in text
 
 
 def test_step_hooks_and_state_dict_hooks_still_work():

@@ -33,6 +33,17 @@ def test_matches_reference_fp32(scope, statistic, window, mom, wd, maximize):
              statistic=statistic, window=window, weight_decay=wd, maximize=maximize, **MOMENTA[mom])
 
 
+@pytest.mark.parametrize("scope,statistic,mom", [("group", "gradient", "momentum"), ("tensor", "direction", "momentum"),
+                                                 ("group", "direction", "plain"), ("tensor", "gradient", "nesterov")])
+def test_adaptive_window_matches_reference(scope, statistic, mom):
+    """Windows of 1..4 units of 2 steps decided on the device (noise: they grow; a signal: they reset)."""
+    lengths = []
+    lockstep([{}], steps=40, dtype=torch.float32, **FP32, lr=0.05, backend="triton", scope=scope, statistic=statistic,
+             window=2, max_window=8, window_reset=0.1, weight_decay=1e-2, signal_at=lambda t: 3.0 * (24 <= t < 32),
+             after_step=lambda opt, ref: lengths.append(int(opt.param_groups[0]["window_state"][1])), **MOMENTA[mom])
+    assert max(lengths) >= 3 and any(a > 1 and b == 1 for a, b in zip(lengths, lengths[1:])), lengths
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(momentum=0.9, statistic="direction", scope="tensor"), dict(momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True)])
 def test_matches_reference_fp64(cfg):
     lockstep([{}], steps=7, dtype=torch.float64, lr=0.05, window=2, backend="triton", **cfg)
@@ -129,9 +140,10 @@ def test_deterministic():
             assert torch.equal(o1.state[a]["alpha"], o2.state[b]["alpha"])
 
 
-def test_found_inf_leaves_everything_untouched():
+@pytest.mark.parametrize("window", [dict(window=2), dict(window=1, max_window=4)])
+def test_found_inf_leaves_everything_untouched(window):
     params = make_params(dtype=torch.float32)
-    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    opt = TLR(params, lr=0.05, momentum=0.9, backend="triton", **window)
     for t in range(3):
         set_grads([params], t)
         opt.step()
@@ -148,6 +160,7 @@ def test_found_inf_leaves_everything_untouched():
     after = opt.state_dict()
     assert int(after["param_groups"][0]["step"]) == int(snapshot["param_groups"][0]["step"]) == 3
     assert torch.equal(after["param_groups"][0]["lr"], snapshot["param_groups"][0]["lr"])
+    assert torch.equal(after["param_groups"][0]["window_state"], snapshot["param_groups"][0]["window_state"])
     for k, st in snapshot["state"].items():
         for key, value in st.items():
             assert torch.equal(after["state"][k][key], value), (k, key)
@@ -266,7 +279,8 @@ def test_auto_picks_the_torch_path_on_cpu():
     assert isinstance(opt.param_groups[0]["step"], int) and not opt._step_supports_amp_scaling
 
 
-@pytest.mark.parametrize("cfg", [dict(window=1), dict(window=2, momentum=0.9, statistic="direction", scope="tensor"), dict(window=2, momentum=0.9, weight_decay=1e-2)])
+@pytest.mark.parametrize("cfg", [dict(window=1), dict(window=2, momentum=0.9, statistic="direction", scope="tensor"),
+                                 dict(window=2, momentum=0.9, weight_decay=1e-2), dict(window=1, max_window=3)])
 def test_step_never_reads_device_values(cfg, forbid_host_reads):
     params = make_params(dtype=torch.float32)
     opt = TLR(params, lr=0.05, backend="triton", **cfg)
@@ -300,7 +314,8 @@ def test_custom_op_passes_opcheck():
     grads = [torch.randn_like(p) for p in live]
     state = [[torch.zeros_like(p) for p in live] for _ in range(3)]
     args = (live, grads, state[0], [True] * len(live), state[1], state[2], [torch.tensor(0.05)],
-            torch.zeros((), dtype=torch.int64), 2, 0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", None, None)
+            torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 0.9, 0.0, 0.0, False, False, 0.25,
+            "gradient", "group", None, None)
     result = torch.library.opcheck(triton_step_op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 

@@ -63,11 +63,13 @@ def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
     return 1.0 + r
 
 
-def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float) -> None:
-    """α_s ← α_s·(1 + r_s) in place, for the scopes whose statistics are dots[s], sqs[s]."""
+def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float, closes: Tensor | None = None) -> None:
+    """α_s ← α_s·(1 + r_s) in place, for the scopes whose statistics are dots[s], sqs[s] (where ``closes``)."""
     old = torch.stack(alphas).to(dots.dtype)
     new = old * newton_factor(dots, sqs, bound)
     ok = torch.isfinite(new) & (new >= _ALPHA_TINY) & (new <= _ALPHA_MAX)
+    if closes is not None:
+        ok &= closes
     new = torch.where(ok, new, old)
     torch._foreach_copy_(alphas, list(new.to(torch.float32).unbind(0)))
 
@@ -149,6 +151,9 @@ def tlr(
     *,
     step: int | Tensor,
     window: int,
+    max_window: int | None = None,
+    window_reset: float = 0.1,
+    window_state: Tensor | None = None,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -172,10 +177,16 @@ def tlr(
             P zeroed); the caller stores both lists back.
         alphas: float32 0-dim tensors, updated in place: one (scope "group") or one per
             tensor (scope "tensor").
-        step, window: the group's step count before this step and its window; the step
-            closes a window when (step + 1) % window == 0. The PyTorch path takes an int
-            (and the caller advances it); the Triton path an int64 device tensor, which
-            it advances itself, on the device.
+        step, window: the group's step count before this step and its window W0. The
+            PyTorch path takes an int step (and the caller advances it); the Triton path
+            an int64 device tensor, which it advances itself, on the device.
+        max_window, window_reset, window_state: windows are k·W0 steps long,
+            1 <= k <= K = max_window // window (K = 1, fixed windows, when max_window is
+            None). Every step with (step + 1) % W0 == 0 ends a unit; the window closes
+            when its units reach k. ``window_state`` is an int64 tensor [units so far, k]
+            on the parameters' device, updated in place: after a closing k becomes 1 if
+            |r| of the group's total ⟨A, P⟩, ‖A‖² is >= ``window_reset``, else
+            min(k + 1, K). Needed when K > 1 (the PyTorch path ignores it when K = 1).
         backend: "torch" or "triton". On the Triton path ``window_sums`` holds, for the
             tensors where ``window_representation`` says "window_start", the weights at
             the window's start instead of A.
@@ -186,9 +197,14 @@ def tlr(
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
     if scope == "tensor" and len(alphas) != len(params):
         raise ValueError(f"scope 'tensor' takes one alpha per tensor, got {len(alphas)} for {len(params)}")
+    units = 1 if max_window is None else max(1, max_window // window)
+    if units > 1 and window_state is None:
+        raise ValueError(f"an adaptive window (max_window={max_window} > window={window}) needs window_state")
     if backend == "triton":
         from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
 
+        if window_state is None:  # fixed windows keep no window state between steps
+            window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
         if not params:  # the step counter still advances
             advance_step(step, found_inf)
             return
@@ -200,12 +216,13 @@ def tlr(
                         momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
             return triton_step_op(
                 params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
-                alphas, step, window, momentum, dampening, weight_decay, nesterov, maximize, bound, statistic,
-                scope, grad_scale, found_inf,
+                alphas, step, window, units, window_reset, window_state, momentum, dampening, weight_decay, nesterov,
+                maximize, bound, statistic, scope, grad_scale, found_inf,
             )
         return tlr_triton_step(
             params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
-            step=step, window=window, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            step=step, window=window, units=units, window_reset=window_reset, window_state=window_state,
+            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
             buckets=_buckets(params),
             grad_scale=grad_scale, found_inf=found_inf,
@@ -216,6 +233,7 @@ def tlr(
         raise RuntimeError("grad_scale/found_inf are honoured by the Triton path only")
     if not params:
         return
+    # Fixed windows: this step closes one. Adaptive: it ends a unit, and the device decides.
     closes_window = (step + 1) % window == 0
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     sign = -1.0 if maximize else 1.0
@@ -259,10 +277,24 @@ def tlr(
         torch._foreach_add_(b_sums, u if statistic == "gradient" else d)
         movers.append(_foreach_mover(b_params, work_params, d, b_alphas, half))
 
-    if closes_window:
+    if closes_window and units > 1:
+        _close_window_on_device(buckets, window_sums, prev_window_sums, alphas, scope, bound, window_state, units,
+                                window_reset)
+    elif closes_window:
         _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound)
     for move in movers:
         move()
+
+
+def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope):
+    """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], and the group's total ⟨A, P⟩ and ‖A‖²."""
+    stats = [_dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx]) for idx in buckets]
+    acc = torch.float64 if any(d.dtype == torch.float64 for d, _ in stats) else torch.float32
+    dot = torch.stack([d.to(acc).sum() for d, _ in stats]).sum()
+    sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
+    if scope == "group":
+        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq
+    return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq
 
 
 def _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound) -> None:
@@ -271,17 +303,32 @@ def _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound) 
     The last part swaps the two lists' entries (the old P, zeroed, becomes the new A)
     instead of copying A into P: the caller stores the lists back into its state.
     """
-    stats = [_dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx]) for idx in buckets]
-    acc = torch.float64 if any(d.dtype == torch.float64 for d, _ in stats) else torch.float32
-    if scope == "group":
-        dot = torch.stack([d.to(acc).sum() for d, _ in stats]).sum()
-        sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
-        _update_alphas(alphas, dot.reshape(1), sq.reshape(1), bound)
-    else:
-        for idx, (d, s) in zip(buckets, stats):
-            _update_alphas([alphas[i] for i in idx], d.to(acc), s.to(acc), bound)
+    scopes, _, _ = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope)
+    for a, dots, sqs in scopes:
+        _update_alphas(a, dots, sqs, bound)
     torch._foreach_zero_(prev_window_sums)
     window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
+
+
+def _close_window_on_device(buckets, window_sums, prev_window_sums, alphas, scope, bound, window_state, units,
+                            window_reset) -> None:
+    """The end of a unit of an adaptive window: the device decides whether the window closes.
+
+    The statistics are computed at every unit's end (as a fixed window of W0 would), and
+    α, P, A and the window state change only where the window closes: masked updates
+    instead of a host branch, so no step reads a device value.
+    """
+    scopes, dot, sq = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope)
+    done, k = window_state[0] + 1, window_state[1].clamp(max=units)
+    closes = done >= k
+    for a, dots, sqs in scopes:
+        _update_alphas(a, dots, sqs, bound, closes)
+    large = (newton_factor(dot, sq, bound) - 1.0).abs() >= window_reset
+    next_k = torch.where(large, torch.ones_like(k), (k + 1).clamp(max=units))
+    window_state.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, k])))
+    for a, p in zip(window_sums, prev_window_sums):
+        torch.where(closes, a, p, out=p)  # P ← A
+        a.masked_fill_(closes, 0.0)        # A ← 0
 
 
 def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):

@@ -16,7 +16,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import DEFAULT_LR, DEFAULT_WINDOW, check_hyperparameters
+from .optimizer import DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, check_hyperparameters, window_schedule
 
 __all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
 
@@ -48,14 +48,19 @@ def _f32(x: float) -> float:
 class ReferenceTLR(Optimizer):
     """SPEC.md, one tensor at a time, in float64. Same arguments as ``TLR`` (no backend).
 
+    With an int ``window`` and no ``max_window`` this is SPEC.md literally; otherwise
+    windows adapt as ``TLR``'s docstring says (the default, ``window="auto"``).
+
     ``group["lr"]`` (scope "group") and ``state[p]["alpha"]`` (scope "tensor") are
     Python floats here; the other state entries are float64 tensors.
     """
 
     def __init__(self, params, lr=DEFAULT_LR, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 bound=0.25, window=DEFAULT_WINDOW, scope="group", statistic="gradient", maximize=False):
+                 bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET, scope="group",
+                 statistic="gradient", maximize=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        bound=bound, window=window, scope=scope, statistic=statistic, maximize=maximize)
+                        bound=bound, window=window, max_window=max_window, window_reset=window_reset, scope=scope,
+                        statistic=statistic, maximize=maximize)
         check_hyperparameters(**defaults)
         super().__init__(params, defaults)
 
@@ -64,6 +69,7 @@ class ReferenceTLR(Optimizer):
         group = self.param_groups[-1]
         group["lr"] = _f32(float(group["lr"]))  # TLR stores α in float32
         group.setdefault("step", 0)
+        group["units_done"], group["units"] = 0, 1  # the window so far and its length, in units of W0 steps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -102,7 +108,19 @@ class ReferenceTLR(Optimizer):
             st["window_sum"] = st["window_sum"] + (u if group["statistic"] == "gradient" else d)
             directions[p] = d
 
-        if (group["step"] + 1) % group["window"] == 0:
+        # The window: k units of W0 steps (k = 1 always for a fixed window); the group's
+        # Newton step at a closing sets the next k (TLR's docstring, "window='auto'").
+        w0, max_units = window_schedule(group["window"], group["max_window"])
+        closes = False
+        if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
+            group["units_done"] += 1
+            closes = group["units_done"] >= min(group["units"], max_units)
+        if closes:
+            dot = sum(float((self.state[p]["window_sum"] * self.state[p]["prev_window_sum"]).sum()) for p in live)
+            sq = sum(float((self.state[p]["window_sum"] ** 2).sum()) for p in live)
+            large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
+            group["units"] = 1 if large else min(min(group["units"], max_units) + 1, max_units)
+            group["units_done"] = 0
             scopes = [live] if group["scope"] == "group" else [[p] for p in live]
             for tensors in scopes:
                 dot = sum(float((self.state[p]["window_sum"] * self.state[p]["prev_window_sum"]).sum()) for p in tensors)
