@@ -15,6 +15,7 @@ CONFIGS = [
     dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=5),
     dict(lr=0.05, momentum=0.9, nesterov=True, window=4, scope="tensor", statistic="direction"),
     dict(lr=0.05, window=3, maximize=True),
+    dict(lr=0.05, momentum=0.9, window=1, max_window=4, window_reset=0.02),  # adaptive: resumes inside a grown window
 ]
 
 

@@ -81,7 +81,7 @@ def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor])
     (once every `window` steps). Window sums are contiguous, so view(-1) is free.
     """
     dots = torch.stack([torch.dot(a.view(-1), p.view(-1)) for a, p in zip(window_sums, prev_window_sums)])
-    if hasattr(torch, "_foreach_powsum"):  # torch >= 2.13: Σx² per tensor in one call
+    if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():  # torch >= 2.13; Dynamo cannot trace it
         sqs = torch.stack(torch._foreach_powsum(window_sums, 2))
     else:
         sqs = torch.stack(torch._foreach_norm(window_sums)).square()
@@ -122,11 +122,13 @@ def _fused_ok(params: list[Tensor], grads: list[Tensor]) -> bool:
 
     Measured with torch 2.13 on CPU: the fused kernel writes non-contiguous parameters
     as if they were contiguous (corrupting the storage) and gives wrong bf16/fp16
-    updates, so it is used only for contiguous fp32/fp64 tensors on CPU and CUDA.
+    updates, so it is used only for contiguous fp32/fp64 tensors on CPU and CUDA, and
+    not under torch.compile (which traces the foreach path and fuses it itself).
     """
     p = params[0]
     return (
-        p.device.type in ("cpu", "cuda")
+        not torch.compiler.is_compiling()  # _fused_sgd_ with a tensor lr has no fake kernel to trace
+        and p.device.type in ("cpu", "cuda")
         and p.dtype in (torch.float32, torch.float64)
         and all(t.is_contiguous() for t in params)
         and all(g.is_contiguous() and g.dtype == p.dtype for g in grads)
