@@ -167,6 +167,7 @@ def tlr(
     backend: str = "torch",
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    shard_group=None,
 ) -> None:
     """One TLR step for the tensors of one parameter group (see the module docstring).
 
@@ -194,6 +195,12 @@ def tlr(
             the window's start instead of A.
         grad_scale, found_inf: AMP's tensors (Triton path only): gradients are divided
             by ``grad_scale``, and nothing changes when ``found_inf`` is nonzero.
+        shard_group: a ``torch.distributed`` process group whose ranks each hold part of
+            this group's tensors (ZeroRedundancyOptimizer): at every step that ends a
+            window unit, the group's ⟨A, P⟩ and ‖A‖² are summed over it with one
+            all-reduce (PyTorch path). Every rank must call this at the same steps, also
+            with no tensors, so that the collective is never skipped. With scope
+            "tensor" each tensor lives whole on one rank: its own statistics are local.
     """
     if scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
@@ -229,11 +236,13 @@ def tlr(
             buckets=_buckets(params),
             grad_scale=grad_scale, found_inf=found_inf,
         )
+    if shard_group is not None and backend != "torch":
+        raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}")
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are honoured by the Triton path only")
-    if not params:
+    if not params and shard_group is None:
         return
     # Fixed windows: this step closes one. Adaptive: it ends a unit, and the device decides.
     closes_window = (step + 1) % window == 0
@@ -279,48 +288,63 @@ def tlr(
         torch._foreach_add_(b_sums, u if statistic == "gradient" else d)
         movers.append(_foreach_mover(b_params, work_params, d, b_alphas, half))
 
-    if closes_window and units > 1:
-        _close_window_on_device(buckets, window_sums, prev_window_sums, alphas, scope, bound, window_state, units,
-                                window_reset)
-    elif closes_window:
-        _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound)
+    if closes_window:
+        statistics = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state)
+        if units > 1:
+            _close_window_on_device(statistics, window_sums, prev_window_sums, bound, window_state, units, window_reset)
+        else:
+            _close_window(statistics, window_sums, prev_window_sums, bound)
     for move in movers:
         move()
 
 
-def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope):
-    """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], and the group's total ⟨A, P⟩ and ‖A‖²."""
+def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None):
+    """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], and the group's total ⟨A, P⟩ and ‖A‖².
+
+    With ``shard_group`` the group's totals are summed over its ranks (one all-reduce, in
+    float64 so that every rank sends the same dtype, also a rank with no tensors).
+    """
     stats = [_dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx]) for idx in buckets]
     acc = torch.float64 if any(d.dtype == torch.float64 for d, _ in stats) else torch.float32
-    dot = torch.stack([d.to(acc).sum() for d, _ in stats]).sum()
-    sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
+    if stats:
+        dot = torch.stack([d.to(acc).sum() for d, _ in stats]).sum()
+        sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
+    else:  # a rank that holds none of this group's tensors still joins the collective
+        device = alphas[0].device if alphas else window_state.device
+        dot = sq = torch.zeros((), dtype=acc, device=device)
+    if shard_group is not None:
+        import torch.distributed as dist
+
+        total = torch.stack([dot, sq]).to(torch.float64)
+        dist.all_reduce(total, group=shard_group)
+        dot, sq = total.to(acc).unbind(0)
     if scope == "group":
         return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq
     return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq
 
 
-def _close_window(buckets, window_sums, prev_window_sums, alphas, scope, bound) -> None:
-    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖², then P ← A and A ← 0.
+def _close_window(statistics, window_sums, prev_window_sums, bound) -> None:
+    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖² (``_window_statistics``), then P ← A and A ← 0.
 
     The last part swaps the two lists' entries (the old P, zeroed, becomes the new A)
     instead of copying A into P: the caller stores the lists back into its state.
     """
-    scopes, _, _ = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope)
+    scopes, _, _ = statistics
     for a, dots, sqs in scopes:
         _update_alphas(a, dots, sqs, bound)
-    torch._foreach_zero_(prev_window_sums)
+    if prev_window_sums:
+        torch._foreach_zero_(prev_window_sums)
     window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
 
 
-def _close_window_on_device(buckets, window_sums, prev_window_sums, alphas, scope, bound, window_state, units,
-                            window_reset) -> None:
+def _close_window_on_device(statistics, window_sums, prev_window_sums, bound, window_state, units, window_reset) -> None:
     """The end of a unit of an adaptive window: the device decides whether the window closes.
 
     The statistics are computed at every unit's end (as a fixed window of W0 would), and
     α, P, A and the window state change only where the window closes: masked updates
     instead of a host branch, so no step reads a device value.
     """
-    scopes, dot, sq = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope)
+    scopes, dot, sq = statistics
     done, k = window_state[0] + 1, window_state[1].clamp(max=units)
     closes = done >= k
     for a, dots, sqs in scopes:

@@ -148,6 +148,17 @@ def _resolve_backend(backend: str, device: torch.device, index: int) -> str:
     return "triton"
 
 
+def _collective_device(group: dict[str, Any], shard_group) -> torch.device:
+    """Where a rank that holds no tensor of ``group`` keeps its side of the all-reduce."""
+    if group["params"]:
+        return group["params"][0].device
+    import torch.distributed as dist
+
+    if dist.get_backend(shard_group) == "nccl":  # NCCL reduces CUDA tensors only
+        return torch.device("cuda", torch.cuda.current_device())
+    return group["lr"].device if isinstance(group["lr"], Tensor) else torch.device("cpu")
+
+
 def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tensor) -> None:
     """Create the window state of ``p``, or convert it to the representation ``key``.
 
@@ -232,6 +243,13 @@ class TLR(Optimizer):
             PyTorch path elsewhere), ``"torch"``, or ``"triton"`` (the fused kernels: CUDA,
             or CPU through Triton's interpreter with ``TRITON_INTERPRET=1``; anything else
             fails at ``step()`` with a RuntimeError).
+        shard_group: a ``torch.distributed`` process group whose ranks each hold part of
+            every param group (``ZeroRedundancyOptimizer(..., optimizer_class=TLR,
+            shard_group=group)``): the window statistics are summed over it, one
+            all-reduce per group at each step that ends a window (or, with an adaptive
+            window, a unit of it), so α is the same on every rank and equals the
+            unsharded run's. Every rank must call ``step()`` at the same steps. PyTorch
+            path only.
 
     Where α lives: with scope ``"group"``, ``group["lr"]`` is the group's live α, a 0-dim
     float32 tensor on the parameters' device updated in place (``float(group["lr"])``
@@ -273,6 +291,7 @@ class TLR(Optimizer):
         statistic: str = "gradient",
         maximize: bool = False,
         backend: str = "auto",
+        shard_group=None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -292,6 +311,8 @@ class TLR(Optimizer):
         check_hyperparameters(**defaults)  # before super().__init__, so nothing is built on bad input
         if isinstance(params, (set, frozenset)):
             raise TypeError("params must be an ordered collection (a list), not a set: a set's order changes between runs")
+        # Not a group option: a process group cannot be saved in a state_dict.
+        self._shard_group = shard_group
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -487,9 +508,18 @@ class TLR(Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_group(index, group)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group in self.param_groups:
+        shard_group = self._shard_group
+        for index, group in enumerate(self.param_groups):
             device = self._group_device(group)
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
+            if shard_group is not None:
+                if backend != "torch":
+                    raise NotImplementedError(
+                        f"shard_group is implemented on the PyTorch path only (group {index} resolved to Triton); "
+                        "pass backend='torch'"
+                    )
+                # a rank with nothing to update still joins the group's collective
+                device = device or _collective_device(group, shard_group)
             if device is None:  # nothing to update; the step still counts
                 if isinstance(group["step"], Tensor):
                     advance_step(group["step"], found_inf)
@@ -522,6 +552,7 @@ class TLR(Optimizer):
                 backend=backend,
                 grad_scale=grad_scale if backend == "triton" else None,
                 found_inf=found_inf if backend == "triton" else None,
+                shard_group=shard_group,
             )
             for p, b, a, prev, key in zip(params, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
                 state = self.state[p]

@@ -1,0 +1,149 @@
+"""DDP and ZeroRedundancyOptimizer on CPU: 2 processes, gloo, against a single-process run.
+
+Each case spawns two ranks; each rank trains on its half of every batch and writes its
+final weights and α to a file; the parent compares them with one process training on
+the whole batches. float64 models, so that the only differences are the order of
+floating-point sums (DDP's gradient average, the all-reduce of the statistics).
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from tlr_triton import TLR
+
+STEPS = 14
+BATCH = 16
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 5, generator=g, dtype=torch.float64), torch.randn(BATCH, 1, generator=g, dtype=torch.float64))
+            for _ in range(STEPS)]
+
+
+def _groups(model, two_groups):
+    params = list(model.parameters())
+    if not two_groups:
+        return params
+    # the second group has one tensor: ZeRO gives it to one rank, the other holds none of it
+    return [{"params": params[:-1]}, {"params": params[-1:], "lr": 0.02}]
+
+
+def _alphas(opt, model):
+    """Every α of a TLR: ("group", group index) and ("tensor", the tensor's position in the model)."""
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    out = {}
+    for gi, g in enumerate(opt.param_groups):
+        out[("group", gi)] = float(g["lr"])
+        for p in g["params"]:
+            if "alpha" in opt.state.get(p, {}):
+                out[("tensor", position[id(p)])] = float(opt.state[p]["alpha"])
+    return out
+
+
+def _train(model, opt, batches, rank=None, world=1):
+    for x, y in batches:
+        if rank is not None:  # this rank's half of the batch
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _worker(rank, world, port, case, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        kw = dict(case["kw"])
+        if case["zero"]:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            groups = _groups(model, case["two_groups"])
+            first = groups if not case["two_groups"] else groups[0]["params"]
+            if case.get("shard_group", True):
+                kw["shard_group"] = dist.group.WORLD
+            opt = ZeroRedundancyOptimizer(first, optimizer_class=TLR, **kw)
+            if case["two_groups"]:
+                opt.add_param_group(groups[1])
+            local = opt.optim
+            held = sum(len(g["params"]) for g in local.param_groups)
+        else:
+            opt = local = TLR(_groups(model, case["two_groups"]), **kw)
+            held = None
+        _train(ddp, opt, _batches(), rank, world)
+        torch.save({"weights": [p.detach().clone() for p in model.parameters()],
+                    "group_alphas": [float(g["lr"]) for g in local.param_groups],
+                    "group_sizes": [len(g["params"]) for g in local.param_groups],
+                    "alphas": _alphas(local, model), "held": held},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = {
+    "ddp": dict(zero=False, two_groups=False, kw=dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=2)),
+    "ddp, window auto, scope tensor": dict(zero=False, two_groups=False, kw=dict(lr=0.05, momentum=0.9, scope="tensor")),
+    "zero": dict(zero=True, two_groups=False, kw=dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=2)),
+    "zero, window auto": dict(zero=True, two_groups=False, kw=dict(lr=0.05, momentum=0.9, window=1, max_window=4)),
+    "zero, scope tensor": dict(zero=True, two_groups=False, kw=dict(lr=0.05, momentum=0.9, window=2, scope="tensor")),
+    "zero, a rank without a group's tensors": dict(zero=True, two_groups=True, kw=dict(lr=0.05, momentum=0.9, window=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_match_one_process(name, tmp_path):
+    case = CASES[name]
+    mp.start_processes(_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    model = _model()
+    single = TLR(_groups(model, case["two_groups"]), **case["kw"])
+    _train(model, single, _batches())
+
+    for r in ranks:  # every rank holds the single process's weights
+        for p, q in zip(r["weights"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+    if not case["zero"]:  # DDP: every rank has the same α, that of the single process, with no extra collective
+        assert ranks[0]["alphas"] == pytest.approx(ranks[1]["alphas"], rel=1e-12)
+        assert ranks[0]["alphas"] == pytest.approx(_alphas(single, model), rel=1e-6)  # α is float32: an ulp
+        return
+    # ZeRO: each rank holds part of every scope; the all-reduced statistics give every rank
+    # the single process's α for each group (scope "tensor": the α of the tensors it holds)
+    assert all(r["held"] < len(list(model.parameters())) for r in ranks)  # really sharded
+    for r in ranks:
+        assert r["group_alphas"] == pytest.approx([float(g["lr"]) for g in single.param_groups], rel=1e-6)
+    if case["two_groups"]:
+        assert sorted(r["group_sizes"][1] for r in ranks) == [0, 1]  # one rank held none of group 1
+    if case["kw"].get("scope") == "tensor":
+        expected = _alphas(single, model)
+        held = {k: v for r in ranks for k, v in r["alphas"].items() if k[0] == "tensor"}
+        assert held and all(k in expected for k in held)
+        assert held == pytest.approx({k: expected[k] for k in held}, rel=1e-6)
+
+
+def test_zero_without_shard_group_gives_each_rank_its_own_alpha(tmp_path):
+    """The control: without the all-reduce, each rank's α sees only its shard and the ranks disagree."""
+    case = dict(CASES["zero"], shard_group=False)
+    mp.start_processes(_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["group_alphas"][0] != pytest.approx(ranks[1]["group_alphas"][0], rel=1e-3)
