@@ -7,7 +7,6 @@ floating-point sums (DDP's gradient average, the all-reduce of the statistics).
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -61,15 +60,27 @@ def _train(model, opt, batches, rank=None, world=1):
         opt.step()
 
 
-def _worker(rank, world, port, case, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, case, out_dir):
+    # a file rendezvous: no port to pick, so no clash between tests or with other programs
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
         kw = dict(case["kw"])
-        if case["zero"]:
+        if case.get("fsdp"):  # FSDP2: every parameter becomes a DTensor sharded over the ranks
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)
+            fully_shard(model)
+            ddp = model
+        else:
+            ddp = nn.parallel.DistributedDataParallel(model)
+        if case.get("fsdp"):
+            opt = local = TLR(_groups(model, case["two_groups"]), **kw)
+            held = None
+        elif case["zero"]:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             groups = _groups(model, case["two_groups"])
@@ -85,19 +96,14 @@ def _worker(rank, world, port, case, out_dir):
             opt = local = TLR(_groups(model, case["two_groups"]), **kw)
             held = None
         _train(ddp, opt, _batches(), rank, world)
-        torch.save({"weights": [p.detach().clone() for p in model.parameters()],
+        weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+        torch.save({"weights": [p.detach().clone() for p in weights],
                     "group_alphas": [float(g["lr"]) for g in local.param_groups],
                     "group_sizes": [len(g["params"]) for g in local.param_groups],
                     "alphas": _alphas(local, model), "held": held},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CASES = {
@@ -107,13 +113,16 @@ CASES = {
     "zero, window auto": dict(zero=True, two_groups=False, kw=dict(lr=0.05, momentum=0.9, window=1, max_window=4)),
     "zero, scope tensor": dict(zero=True, two_groups=False, kw=dict(lr=0.05, momentum=0.9, window=2, scope="tensor")),
     "zero, a rank without a group's tensors": dict(zero=True, two_groups=True, kw=dict(lr=0.05, momentum=0.9, window=2)),
+    "fsdp2": dict(fsdp=True, zero=False, two_groups=False, kw=dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=2)),
+    "fsdp2, scope tensor, window auto": dict(fsdp=True, zero=False, two_groups=True,
+                                             kw=dict(lr=0.05, momentum=0.9, scope="tensor", window=1, max_window=4)),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_match_one_process(name, tmp_path):
     case = CASES[name]
-    mp.start_processes(_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     model = _model()
@@ -123,7 +132,8 @@ def test_two_ranks_match_one_process(name, tmp_path):
     for r in ranks:  # every rank holds the single process's weights
         for p, q in zip(r["weights"], model.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
-    if not case["zero"]:  # DDP: every rank has the same α, that of the single process, with no extra collective
+    if not case["zero"]:  # DDP: every rank has the same α, that of the single process, with no extra collective;
+        # FSDP2: each rank holds a shard of every tensor, and the all-reduced statistics give the same
         assert ranks[0]["alphas"] == pytest.approx(ranks[1]["alphas"], rel=1e-12)
         assert ranks[0]["alphas"] == pytest.approx(_alphas(single, model), rel=1e-6)  # α is float32: an ulp
         return
@@ -144,6 +154,6 @@ def test_two_ranks_match_one_process(name, tmp_path):
 def test_zero_without_shard_group_gives_each_rank_its_own_alpha(tmp_path):
     """The control: without the all-reduce, each rank's α sees only its shard and the ranks disagree."""
     case = dict(CASES["zero"], shard_group=False)
-    mp.start_processes(_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["group_alphas"][0] != pytest.approx(ranks[1]["group_alphas"][0], rel=1e-3)

@@ -168,6 +168,7 @@ def tlr(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     shard_group=None,
+    sharded_tensors: bool = False,
 ) -> None:
     """One TLR step for the tensors of one parameter group (see the module docstring).
 
@@ -201,6 +202,9 @@ def tlr(
             all-reduce (PyTorch path). Every rank must call this at the same steps, also
             with no tensors, so that the collective is never skipped. With scope
             "tensor" each tensor lives whole on one rank: its own statistics are local.
+        sharded_tensors: every tensor is split over ``shard_group`` (DTensor shards, in
+            the same order on every rank): with scope "tensor" each tensor's statistics
+            are summed too, in the same all-reduce.
     """
     if scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
@@ -289,7 +293,8 @@ def tlr(
         movers.append(_foreach_mover(b_params, work_params, d, b_alphas, half))
 
     if closes_window:
-        statistics = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state)
+        statistics = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state,
+                                        sharded_tensors)
         if units > 1:
             _close_window_on_device(statistics, window_sums, prev_window_sums, bound, window_state, units, window_reset)
         else:
@@ -298,11 +303,13 @@ def tlr(
         move()
 
 
-def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None):
+def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None,
+                       sharded_tensors=False):
     """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], and the group's total ⟨A, P⟩ and ‖A‖².
 
-    With ``shard_group`` the group's totals are summed over its ranks (one all-reduce, in
-    float64 so that every rank sends the same dtype, also a rank with no tensors).
+    With ``shard_group`` the group's totals (and, for ``sharded_tensors`` with scope
+    "tensor", every tensor's) are summed over its ranks: one all-reduce, in float64 so
+    that every rank sends the same dtype, also a rank with no tensors.
     """
     stats = [_dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx]) for idx in buckets]
     acc = torch.float64 if any(d.dtype == torch.float64 for d, _ in stats) else torch.float32
@@ -315,9 +322,15 @@ def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, sh
     if shard_group is not None:
         import torch.distributed as dist
 
-        total = torch.stack([dot, sq]).to(torch.float64)
+        per_tensor = sharded_tensors and scope == "tensor" and stats
+        parts = [torch.stack([dot, sq])] + ([t for pair in stats for t in pair] if per_tensor else [])
+        total = torch.cat([t.to(torch.float64) for t in parts])
         dist.all_reduce(total, group=shard_group)
-        dot, sq = total.to(acc).unbind(0)
+        dot, sq = total[:2].to(acc).unbind(0)
+        if per_tensor:
+            sizes = [len(t) for pair in stats for t in pair]
+            summed = list(total[2:].split(sizes))
+            stats = [(summed[2 * i], summed[2 * i + 1]) for i in range(len(stats))]
     if scope == "group":
         return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq
     return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq

@@ -148,6 +148,38 @@ def _resolve_backend(backend: str, device: torch.device, index: int) -> str:
     return "triton"
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor); other tensors as they are."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+def _dtensor_group(group: dict[str, Any], index: int):
+    """The process group that the DTensor parameters of ``group`` are sharded over, or None.
+
+    Supported: every parameter a DTensor on one 1-D mesh with Shard placements (FSDP2's
+    ``fully_shard``); a group mixing DTensors and regular tensors is refused, because
+    the regular ones would be counted once per rank.
+    """
+    meshes, plain = [], False
+    for p in group["params"]:
+        if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+            if p.device_mesh.ndim != 1 or any(type(pl).__name__ != "Shard" for pl in p.placements):
+                raise NotImplementedError(
+                    f"group {index}: TLR sums DTensor statistics over a 1-D mesh with Shard placements, got "
+                    f"{tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+                )
+            if meshes and p.device_mesh != meshes[0]:
+                raise ValueError(f"group {index} holds DTensors on different device meshes; use one group per mesh")
+            meshes.append(p.device_mesh)
+        else:
+            plain = True
+    if not meshes:
+        return None
+    if plain:
+        raise ValueError(f"group {index} mixes DTensor and regular parameters; put them in separate param groups")
+    return meshes[0].get_group()
+
+
 def _collective_device(group: dict[str, Any], shard_group) -> torch.device:
     """Where a rank that holds no tensor of ``group`` keeps its side of the all-reduce."""
     if group["params"]:
@@ -438,11 +470,13 @@ class TLR(Optimizer):
                 return p.device
         return None
 
-    def _init_group(self, group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys) -> None:
+    def _init_group(self, group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys, owners) -> None:
         """Gather the tensors with a gradient into the given lists; create (or convert) their state lazily.
 
         torch's convention (lists filled in place, nothing returned): torch.compile runs
-        a method of this name eagerly instead of tracing it.
+        a method of this name eagerly instead of tracing it. ``params``/``grads`` get a
+        DTensor's local shard, ``owners`` the parameter itself (the state's key), ``keys``
+        the state key of its window sum.
         """
         lr = group["lr"]
         if not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
@@ -476,14 +510,16 @@ class TLR(Optimizer):
             if p.dtype not in keys_by_dtype:
                 keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, group["statistic"], group["momentum"])
             key = keys_by_dtype[p.dtype]
+            local = _local(p)  # a DTensor's shard on this rank: state and updates are per shard
             if key not in state or "prev_window_sum" not in state:
-                _ensure_window_state(p, state, key, alpha)
-            params.append(p)
-            grads.append(p.grad)
+                _ensure_window_state(local, state, key, alpha)
+            params.append(local)
+            grads.append(_local(p.grad))
             bufs.append(state.get("momentum_buffer"))
             sums.append(state[key])
             prev_sums.append(state["prev_window_sum"])
             keys.append(key)
+            owners.append(p)  # a DTensor's shard is a new tensor at every step: the state stays keyed by p
             if group["scope"] == "tensor":
                 alphas.append(alpha)
         if group["scope"] == "group":
@@ -508,10 +544,14 @@ class TLR(Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_group(index, group)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        shard_group = self._shard_group
         for index, group in enumerate(self.param_groups):
             device = self._group_device(group)
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
+            mesh_group = _dtensor_group(group, index)
+            if mesh_group is not None and self._shard_group is not None:
+                raise ValueError(f"group {index} holds DTensor parameters: their shards are summed over their mesh, "
+                                 "so shard_group must not be given")
+            shard_group = mesh_group if mesh_group is not None else self._shard_group
             if shard_group is not None:
                 if backend != "torch":
                     raise NotImplementedError(
@@ -526,9 +566,9 @@ class TLR(Optimizer):
                 else:
                     group["step"] += 1
                 continue
-            params, grads, bufs, sums, prev_sums, alphas, keys = [], [], [], [], [], [], []
+            params, grads, bufs, sums, prev_sums, alphas, keys, owners = [], [], [], [], [], [], [], []
             w0, units = window_schedule(group["window"], group["max_window"])
-            self._init_group(group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys)
+            self._init_group(group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys, owners)
             tlr(
                 params,
                 grads,
@@ -553,8 +593,9 @@ class TLR(Optimizer):
                 grad_scale=grad_scale if backend == "triton" else None,
                 found_inf=found_inf if backend == "triton" else None,
                 shard_group=shard_group,
+                sharded_tensors=mesh_group is not None,
             )
-            for p, b, a, prev, key in zip(params, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
+            for p, b, a, prev, key in zip(owners, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
                 state = self.state[p]
                 state[key], state["prev_window_sum"] = a, prev
                 if b is not None:
