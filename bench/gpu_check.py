@@ -43,6 +43,7 @@ def check_reference(device, sizes):
         dict(momentum=MOMENTUM, statistic="direction", scope="tensor", window=3),
         dict(momentum=0.0, window=1, maximize=True),
         dict(momentum=MOMENTUM, nesterov=True, window=2),
+        dict(momentum=MOMENTUM, window=1, max_window=4, window_reset=0.02),  # adaptive window, decided on the device
     ]
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for cfg in configs:

@@ -4,7 +4,8 @@
 
 Every optimizer has momentum 0.9 and weight decay 5e-4. A TLR call times a whole
 window (W steps, one of which closes it), so its time divided by W is the amortized
-cost of a step; the summary at the end prints ms/step and the ratio to each SGD
+cost of a step; with the default adaptive window a call is one unit of 3 steps (its
+statistics are computed at every unit's end, however long the window); the summary at the end prints ms/step and the ratio to each SGD
 variant measured in the same run.
 """
 
@@ -37,7 +38,8 @@ OPTIMIZERS = {
     "sgd-foreach": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True), 1),
     "sgd-fused": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True), 1),
     "tlr-torch-w1": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=1, backend="torch"), 1),
-    "tlr-torch-w3 (default)": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="torch"), 3),
+    "tlr-torch-auto (default)": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="torch"), 3),
+    "tlr-torch-w3": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=3, backend="torch"), 3),
     "tlr-torch-w10": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=10, backend="torch"), 10),
     "tlr-torch-w100": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=100, backend="torch"), 100),
     "tlr-torch-w10-direction": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=10,
@@ -48,6 +50,7 @@ OPTIMIZERS = {
 if DEVICE == "cuda":  # the Triton path needs a GPU to be timed (the interpreter is not a benchmark)
     OPTIMIZERS["tlr-triton-w1"] = (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=1, backend="triton"), 1)
     OPTIMIZERS["tlr-triton-w10"] = (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=10, backend="triton"), 10)
+    OPTIMIZERS["tlr-triton-auto"] = (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton"), 3)
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
