@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -35,7 +36,7 @@ from bench.models import CharTransformer, mlp  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
 from tlr_triton.reference import HypergradientSGD, NaiveTLR  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(os.environ.get("TLR_BENCH_OUT", Path(__file__).resolve().parent / "out"))  # the variable: a separate run
 MOMENTUM, WEIGHT_DECAY = 0.8, 5e-4  # the paper's, for every SGD-based method
 
 

@@ -6,6 +6,7 @@ the whole batches. float64 models, so that the only differences are the order of
 floating-point sums (DDP's gradient average, the all-reduce of the statistics).
 """
 
+import datetime
 import os
 
 import pytest
@@ -51,18 +52,23 @@ def _alphas(opt, model):
     return out
 
 
-def _train(model, opt, batches, rank=None, world=1):
-    for x, y in batches:
+def _train(model, opt, batches, rank=None, world=1, drop_grads=()):
+    for t, (x, y) in enumerate(batches):
         if rank is not None:  # this rank's half of the batch
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
+        if t in drop_grads:  # this rank has no gradient at this step
+            for p in model.parameters():
+                p.grad = None
         opt.step()
 
 
 def _worker(rank, world, case, out_dir):
     # a file rendezvous: no port to pick, so no clash between tests or with other programs
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world)
+    # a short timeout: a rank that skipped a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         model = _model()
@@ -95,7 +101,7 @@ def _worker(rank, world, case, out_dir):
         else:
             opt = local = TLR(_groups(model, case["two_groups"]), **kw)
             held = None
-        _train(ddp, opt, _batches(), rank, world)
+        _train(ddp, opt, _batches(), rank, world, drop_grads=case.get("drop_grads", {}).get(rank, ()))
         weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         torch.save({"weights": [p.detach().clone() for p in weights],
                     "group_alphas": [float(g["lr"]) for g in local.param_groups],
@@ -157,3 +163,14 @@ def test_zero_without_shard_group_gives_each_rank_its_own_alpha(tmp_path):
     mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["group_alphas"][0] != pytest.approx(ranks[1]["group_alphas"][0], rel=1e-3)
+
+
+def test_zero_rank_without_gradients_still_joins_the_collective(tmp_path):
+    """Rank 1 has no gradient at steps 3 (a closing) and 4: it must still take part in the all-reduce
+    (otherwise rank 0 would wait forever), and both ranks keep the same α."""
+    case = dict(CASES["zero"], drop_grads={1: (3, 4)})
+    mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["group_alphas"] == pytest.approx(ranks[1]["group_alphas"], rel=1e-12)
+    for p, q in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # ZeRO broadcasts every shard from its owner
