@@ -100,7 +100,7 @@ def tlr_triton_step(
     step: Tensor,
     window: int,
     units: int = 1,
-    window_reset: float = 0.1,
+    window_reset: float = 0.05,
     window_state: Tensor | None = None,
     momentum: float,
     dampening: float,

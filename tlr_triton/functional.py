@@ -154,7 +154,7 @@ def tlr(
     step: int | Tensor,
     window: int,
     max_window: int | None = None,
-    window_reset: float = 0.1,
+    window_reset: float = 0.05,
     window_state: Tensor | None = None,
     momentum: float,
     dampening: float,

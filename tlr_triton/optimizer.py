@@ -31,7 +31,7 @@ DEFAULT_LR = 0.01
 DEFAULT_WINDOW = "auto"
 AUTO_WINDOW = 3
 AUTO_MAX_WINDOW = 48
-DEFAULT_WINDOW_RESET = 0.1
+DEFAULT_WINDOW_RESET = 0.05
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
