@@ -101,7 +101,7 @@ def tlr_triton_step(
     window: int,
     units: int = 1,
     window_reset: float = 0.05,
-    window_state: Tensor | None = None,
+    window_state: Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -127,8 +127,6 @@ def tlr_triton_step(
     updated here; windows are k·``window`` steps, 1 <= k <= ``units``.
     """
     device = step.device
-    if window_state is None:
-        window_state = torch.tensor([0, 1], dtype=torch.int64, device=device)
     alpha_of = (lambda i: alphas[0]) if scope == "group" else (lambda i: alphas[i])
     state_key = []
     launches = []

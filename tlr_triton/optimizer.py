@@ -108,8 +108,9 @@ def check_hyperparameters(
     if max_window is not None:
         if isinstance(max_window, bool) or not isinstance(max_window, numbers.Integral):
             raise TypeError(f"Invalid max_window: {max_window!r} (expected an int number of steps or None)")
-        if max_window < window_schedule(window, None)[0]:
-            raise ValueError(f"Invalid max_window: {max_window} (expected >= the window, {window_schedule(window, None)[0]})")
+        w0 = window_schedule(window, None)[0]
+        if max_window < w0:
+            raise ValueError(f"Invalid max_window: {max_window} (expected >= the window, {w0})")
     if _finite_number("window_reset", window_reset) < 0.0:
         raise ValueError(f"Invalid window_reset: {window_reset} (expected >= 0)")
     if scope not in SCOPES:
