@@ -109,6 +109,9 @@ def _worker(rank, world, case, out_dir):
                     "alphas": _alphas(local, model), "held": held},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # no rank tears its connections down while the other may still be in a collective
+        # (seen once: gloo aborted a rank with "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
