@@ -23,6 +23,7 @@ from tlr_triton.functional import advance_step, state_dtype, window_representati
 from . import tlr_step as K
 
 BLOCK = 1024   # elements per program of the step and move kernels
+NUM_WARPS = 8  # 4 elements per thread (Triton's default, 4 warps, gave 8 and spilled on sm_90 with Triton 3.6)
 RBLOCK = 128   # partials per iteration of the α kernel
 _CACHE_SIZE = 64
 
@@ -182,36 +183,38 @@ def tlr_triton_step(
         return part, flag, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
     part, flag, scopes = tables.get(("group", device, scope, tuple(state_key)), build_group)
+    # float() each: a hyper-parameter given as an int (weight_decay=1) is the same value.
+    values = tuple(map(float, (momentum, dampening, weight_decay, -1.0 if maximize else 1.0, bound, window_reset)))
+    hyper = tables.get(("hyper", device, values),
+                       lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
     dummy = flag  # any device pointer, never read when the matching flag is off
     kw = dict(
         HAS_MOMENTUM=momentum != 0,
         NESTEROV=nesterov,
         HAS_SCALE=grad_scale is not None,
     )
-    sign = -1.0 if maximize else 1.0
     with _device_guard(device):
         for idx, dtype, snap, tab, blk, n, n_blocks, offset, first_launch in launches:
             K.tlr_step_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, part, part.shape[1], offset, step,
                 grad_scale if grad_scale is not None else dummy,
                 found_inf if found_inf is not None else dummy,
-                window_state, flag, first_launch, window, units, momentum, dampening, weight_decay, sign,
+                window_state, flag, first_launch, window, units, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
                 SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap,
-                HAS_INF=found_inf is not None, BLOCK=BLOCK, **kw,
+                HAS_INF=found_inf is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, **kw,
             )
         K.tlr_alpha_kernel[(scopes.shape[1],)](
             scopes, scopes.shape[1], part, part.shape[1], total, step,
-            found_inf if found_inf is not None else dummy, flag, window_state, window, units, window_reset, bound,
+            found_inf if found_inf is not None else dummy, flag, window_state, window, units, hyper,
             HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
         )
         for idx, dtype, snap, tab, blk, n, n_blocks, offset, _ in launches:
             K.tlr_move_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, flag,
-                grad_scale if grad_scale is not None else dummy,
-                momentum, weight_decay, sign,
+                grad_scale if grad_scale is not None else dummy, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
-                SNAPSHOT=snap, BLOCK=BLOCK, **kw,
+                SNAPSHOT=snap, BLOCK=BLOCK, num_warps=NUM_WARPS, **kw,
             )
     for p, pc in copies:
         p.copy_(pc)

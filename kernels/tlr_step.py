@@ -31,9 +31,36 @@ Two ways to hold the window sum A (SPEC's "A ← A + u"):
 import triton
 import triton.language as tl
 
-# Rows of the address table.
-PARAM, GRAD, MOMENTUM, WINDOW, PREV, ALPHA, NUMEL, FIRST = range(8)
+# Rows of the address table. Module globals that a kernel reads must be tl.constexpr(...):
+# the compiler rejects any other global (Triton's interpreter does not).
+PARAM = tl.constexpr(0)
+GRAD = tl.constexpr(1)
+MOMENTUM = tl.constexpr(2)
+WINDOW = tl.constexpr(3)
+PREV = tl.constexpr(4)
+ALPHA = tl.constexpr(5)
+NUMEL = tl.constexpr(6)
+FIRST = tl.constexpr(7)
 TABLE_ROWS = 8
+
+# Entries of the float64 hyper-parameter vector. Hyper-parameters travel in device memory,
+# not as scalar arguments: a float argument is fp32 on the GPU (while the interpreter
+# keeps a Python float), and an int one (``weight_decay=1``) becomes a compile-time
+# constant; from memory each kernel reads them in fp64 and rounds once to its state dtype.
+H_MOMENTUM = tl.constexpr(0)
+H_DAMPENING = tl.constexpr(1)
+H_WEIGHT_DECAY = tl.constexpr(2)
+H_SIGN = tl.constexpr(3)           # -1.0 with maximize, else 1.0
+H_BOUND = tl.constexpr(4)          # the paper's c
+H_WINDOW_RESET = tl.constexpr(5)
+HYPER_SIZE = 6
+
+# Integer arguments that change with the layout of a group (counts, offsets, the window)
+# are not specialised: Triton would otherwise compile a new kernel for every value equal
+# to 1 or divisible by 16, and a value of 1 would become a constant of another type.
+_NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "write_flag", "window", "units"]
+_NO_SPEC_ALPHA = ["n_scopes", "n_part", "n_total", "window", "units"]
+_NO_SPEC_MOVE = ["n_tensors", "n_blocks"]
 
 
 @triton.jit
@@ -63,33 +90,50 @@ def _to_param(x, PARAM_DTYPE: tl.constexpr):
 
 @triton.jit
 def _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK: tl.constexpr):
-    """This program's block: its index, tensor, element offsets (int64) and in-bounds mask."""
+    """This program's block: its index, tensor, first element (int64), lanes and in-bounds mask.
+
+    Addresses are a scalar base at the block's first element (``_at``) plus int32 lanes:
+    one 64-bit address per program, not one per element (which cost registers and spills).
+    """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(blk_ptr + pid)
-    offs = tl.load(blk_ptr + n_blocks + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    return pid, t, offs, offs < _row(tab_ptr, NUMEL, n_tensors, t)
+    start = tl.load(blk_ptr + n_blocks + pid)
+    lanes = tl.arange(0, BLOCK)
+    left = tl.minimum(_row(tab_ptr, NUMEL, n_tensors, t) - start, BLOCK).to(tl.int32)
+    return pid, t, start, lanes, lanes < left
 
 
 @triton.jit
-def _weights_and_grads(tab_ptr, n_tensors, t, offs, live, scale_ptr,
+def _at(tab_ptr, row, n_tensors, t, start, DTYPE: tl.constexpr):
+    """Pointer to the block's first element in the tensor that ``row`` of the table addresses."""
+    return _row(tab_ptr, row, n_tensors, t).to(tl.pointer_type(DTYPE)) + start
+
+
+@triton.jit
+def _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr,
                        PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """The weights' pointer, the weights and the (unscaled) gradients, upcast to the state dtype."""
-    p_ptr = _row(tab_ptr, PARAM, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = _row(tab_ptr, GRAD, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-    w = tl.load(p_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
-    g = tl.load(g_ptr + offs, mask=live, other=0.0).to(STATE_DTYPE)
+    """The block's weights pointer, its weights and (unscaled) gradients, upcast to the state dtype."""
+    p_ptr = _at(tab_ptr, PARAM, n_tensors, t, start, PARAM_DTYPE)
+    w = tl.load(p_ptr + lanes, mask=live, other=0.0).to(STATE_DTYPE)
+    g = tl.load(_at(tab_ptr, GRAD, n_tensors, t, start, PARAM_DTYPE) + lanes, mask=live, other=0.0).to(STATE_DTYPE)
     if HAS_SCALE:
         g = g / tl.load(scale_ptr).to(STATE_DTYPE)
     return p_ptr, w, g
 
 
 @triton.jit
-def _direction(w, g, b, first, momentum, dampening, weight_decay, sign,
-               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+def _hyper(hyp_ptr, index, STATE_DTYPE: tl.constexpr):
+    """One hyper-parameter, read in fp64 and rounded once to the state dtype."""
+    return tl.load(hyp_ptr + index).to(STATE_DTYPE)
+
+
+@triton.jit
+def _direction(w, g, b, first, hyp_ptr, STATE_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
     """u = sign·(g + λ·w); the new momentum buffer; d (SPEC)."""
-    u = sign * (g + weight_decay * w)
+    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * (g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w)
+    momentum = _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE)
     if HAS_MOMENTUM:
-        b = tl.where(first != 0, u, momentum * b + (1.0 - dampening) * u)
+        b = tl.where(first != 0, u, momentum * b + (1.0 - _hyper(hyp_ptr, H_DAMPENING, STATE_DTYPE)) * u)
         if NESTEROV:
             d = u + momentum * b
         else:
@@ -99,7 +143,7 @@ def _direction(w, g, b, first, momentum, dampening, weight_decay, sign,
     return u, b, d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC_STEP)
 def tlr_step_kernel(
     tab_ptr,          # int64 [TABLE_ROWS, n_tensors]: addresses, numels, first-step flags
     n_tensors,
@@ -116,8 +160,7 @@ def tlr_step_kernel(
     write_flag,       # 1 for the group's first bucket
     window,           # steps per unit (W0)
     units,            # the longest window, in units (K; 1 = fixed windows)
-    momentum, dampening, weight_decay,
-    sign,             # -1.0 with maximize, else 1.0
+    hyp_ptr,          # float64 [HYPER_SIZE]: the group's hyper-parameters
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -128,7 +171,7 @@ def tlr_step_kernel(
     HAS_INF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid, t, offs, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
+    pid, t, start, lanes, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
     if HAS_INF:
         live = _and(live, tl.load(inf_ptr) == 0)
     closing = _closing(step_ptr, ws_ptr, window, units)
@@ -141,44 +184,44 @@ def tlr_step_kernel(
     closes = _and(live, closing)
     moves = _and(live, closing == 0)
 
-    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, offs, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
+    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
     alpha_ptr = _row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))
 
     b = tl.zeros([BLOCK], dtype=STATE_DTYPE)
     first = 0
     if HAS_MOMENTUM:
-        b_ptr = _row(tab_ptr, MOMENTUM, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
-        b = tl.load(b_ptr + offs, mask=live, other=0.0)
+        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE)
+        b = tl.load(b_ptr + lanes, mask=live, other=0.0)
         first = _row(tab_ptr, FIRST, n_tensors, t)
-    u, b, d = _direction(w, g, b, first, momentum, dampening, weight_decay, sign, HAS_MOMENTUM, NESTEROV)
+    u, b, d = _direction(w, g, b, first, hyp_ptr, STATE_DTYPE, HAS_MOMENTUM, NESTEROV)
     if HAS_MOMENTUM:
-        tl.store(b_ptr + offs, b, mask=live)
+        tl.store(b_ptr + lanes, b, mask=live)
 
     alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
     if SNAPSHOT:
         # A so far is the displacement since the window's start; add this step's d.
         # (α = 0 moves nothing and stays 0: its displacement is 0, not 0/0.)
-        s_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-        s = tl.load(s_ptr + offs, mask=closes, other=0.0).to(STATE_DTYPE)
+        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE)
+        s = tl.load(s_ptr + lanes, mask=closes, other=0.0).to(STATE_DTYPE)
         a = (s - w) / tl.where(alpha > 0, alpha, 1.0) + d
     else:
-        a_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
+        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE)
         if SUM_DIRECTION:
-            a = tl.load(a_ptr + offs, mask=live, other=0.0) + d
+            a = tl.load(a_ptr + lanes, mask=live, other=0.0) + d
         else:
-            a = tl.load(a_ptr + offs, mask=live, other=0.0) + u
-        tl.store(a_ptr + offs, tl.where(closing, 0.0, a), mask=live)  # closing: A restarts at 0
+            a = tl.load(a_ptr + lanes, mask=live, other=0.0) + u
+        tl.store(a_ptr + lanes, tl.where(closing, 0.0, a), mask=live)  # closing: A restarts at 0
 
     # Closing step: this block's share of ⟨A, P⟩ and ‖A‖², then P ← A.
-    pv_ptr = _row(tab_ptr, PREV, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
-    prev = tl.load(pv_ptr + offs, mask=closes, other=0.0)
+    pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE)
+    prev = tl.load(pv_ptr + lanes, mask=closes, other=0.0)
     a = tl.where(closes, a, 0.0)
-    tl.store(pv_ptr + offs, a, mask=closes)
+    tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
 
     # Ordinary step: move now with the current α.
-    tl.store(p_ptr + offs, _to_param(w - alpha * d, PARAM_DTYPE), mask=moves)
+    tl.store(p_ptr + lanes, _to_param(w - alpha * d, PARAM_DTYPE), mask=moves)
 
 
 @triton.jit
@@ -215,7 +258,7 @@ def _newton_r(dot, sq, bound):
     return tl.where(_and(denom > 0, tl.abs(r) <= 1.7976931348623157e308), r, 0.0)  # NaN fails <=
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC_ALPHA)
 def tlr_alpha_kernel(
     scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
     n_scopes,
@@ -228,8 +271,7 @@ def tlr_alpha_kernel(
     ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced by program 0
     window,
     units,
-    window_reset,
-    bound,            # the paper's c
+    hyp_ptr,          # float64 [HYPER_SIZE]: bound c and window_reset are read here
     HAS_INF: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
@@ -241,6 +283,7 @@ def tlr_alpha_kernel(
 
     # On an ordinary step the reduction runs no iteration.
     dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
+    bound = tl.load(hyp_ptr + H_BOUND)
     r = _newton_r(dot_s, sq_s, bound)
     # A new α outside float32's normal range is refused.
     old = tl.load(alpha_ptr).to(tl.float64)
@@ -257,17 +300,17 @@ def tlr_alpha_kernel(
         r_g = _newton_r(dot_g, sq_g, bound)
         done = tl.load(ws_ptr)
         k = tl.minimum(tl.load(ws_ptr + 1), units)
-        next_k = tl.where(tl.abs(r_g) >= window_reset, 1, tl.minimum(k + 1, units))
+        next_k = tl.where(tl.abs(r_g) >= tl.load(hyp_ptr + H_WINDOW_RESET), 1, tl.minimum(k + 1, units))
         tl.store(ws_ptr, tl.where(closing, 0, tl.where(unit_ends, done + 1, done)))
         tl.store(ws_ptr + 1, tl.where(closing, next_k, k))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC_MOVE)
 def tlr_move_kernel(
     tab_ptr, n_tensors, blk_ptr, n_blocks,
     flag_ptr,         # int32: 1 if this step closed a window
     scale_ptr,
-    momentum, weight_decay, sign,
+    hyp_ptr,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
@@ -276,22 +319,22 @@ def tlr_move_kernel(
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid, t, offs, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
+    pid, t, start, lanes, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
     live = _and(in_tensor, tl.load(flag_ptr) != 0)
-    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, offs, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
-    u = sign * (g + weight_decay * w)
+    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
+    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * (g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w)
     if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
-        b_ptr = _row(tab_ptr, MOMENTUM, n_tensors, t).to(tl.pointer_type(STATE_DTYPE))
-        b = tl.load(b_ptr + offs, mask=live, other=0.0)
+        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE)
+        b = tl.load(b_ptr + lanes, mask=live, other=0.0)
         if NESTEROV:
-            d = u + momentum * b
+            d = u + _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * b
         else:
             d = b
     else:
         d = u
     alpha = tl.load(_row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
     w_new = _to_param(w - alpha * d, PARAM_DTYPE)
-    tl.store(p_ptr + offs, w_new, mask=live)
+    tl.store(p_ptr + lanes, w_new, mask=live)
     if SNAPSHOT:  # the next window starts here
-        s_ptr = _row(tab_ptr, WINDOW, n_tensors, t).to(tl.pointer_type(PARAM_DTYPE))
-        tl.store(s_ptr + offs, w_new, mask=live)
+        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE)
+        tl.store(s_ptr + lanes, w_new, mask=live)

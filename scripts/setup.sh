@@ -18,3 +18,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 "${PIP[@]}" -e ".[test,bench]"
+# Triton 3.6.0, the GPU machines' release, beside the newest one: tests/test_gpu_compile.py
+# compiles every kernel with both (put first on the compile step's PYTHONPATH).
+if [ "$(uname -s)" = Linux ] && [ ! -d .venv/triton-3.6.0/triton ]; then
+    "${PIP[@]}" --no-deps --target .venv/triton-3.6.0 "triton==3.6.0"
+fi
