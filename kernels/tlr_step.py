@@ -129,8 +129,8 @@ def _hyper(hyp_ptr, index, STATE_DTYPE: tl.constexpr):
 
 @triton.jit
 def _direction(w, g, b, first, hyp_ptr, STATE_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
-    """u = sign·(g + λ·w); the new momentum buffer; d (SPEC)."""
-    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * (g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w)
+    """u = sign·g + λ·w (SPEC: maximize negates g only); the new momentum buffer; d."""
+    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w
     momentum = _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE)
     if HAS_MOMENTUM:
         b = tl.where(first != 0, u, momentum * b + (1.0 - _hyper(hyp_ptr, H_DAMPENING, STATE_DTYPE)) * u)
@@ -322,7 +322,7 @@ def tlr_move_kernel(
     pid, t, start, lanes, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
     live = _and(in_tensor, tl.load(flag_ptr) != 0)
     p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
-    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * (g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w)
+    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w
     if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
         b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE)
         b = tl.load(b_ptr + lanes, mask=live, other=0.0)

@@ -174,3 +174,30 @@ def test_baselines_adapt_alpha_the_paper_way():
     alpha = 0.1 + 0.01 * 0.9 * 5.0
     assert opt.param_groups[0]["lr"] == pytest.approx(alpha)
     torch.testing.assert_close(w.detach(), w0 - alpha * w0)
+
+
+SGD_SETTINGS = [dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+                for m, d, n in [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.3, False), (0.9, 0.0, True)]
+                for wd in (0.0, 0.1) for mx in (False, True)]
+
+
+@pytest.mark.parametrize("cfg", SGD_SETTINGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_equals_torch_sgd_while_alpha_is_constant(cfg, dtype):
+    """Before its first window closes TLR is SGD with lr = α: checked against torch.optim.SGD itself,
+    an implementation independent of this project (maximize negates g only, weight decay still
+    pulls toward 0)."""
+    torch.manual_seed(0)
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in [(4, 3), (5,), ()]]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt = TLR(params, lr=0.05, window=50, **cfg)
+    sgd = torch.optim.SGD(twins, lr=0.05, foreach=False, **cfg)
+    for _ in range(6):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        sgd.step()
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, **tol)

@@ -4,7 +4,7 @@ the Triton path in ``tlr_triton.kernels`` (imported only when used).
 The math is ``SPEC.md`` (paper Algorithm 2 with the Section 4 window). Per step, for the
 tensors of one parameter group that have a gradient::
 
-    u = s·(g + λ·w)                       s = -1 with maximize, else +1
+    u = s·g + λ·w                         s = -1 with maximize, else +1 (as torch.optim.SGD)
     d = u, or momentum applied to u       (b = u first, then b = μ·b + (1-τ)·u)
     A += u  (statistic "gradient")  or  A += d  (statistic "direction")
     if the step closes a window:          per α-scope, α ← α·(1 + r(⟨A,P⟩, ‖A‖², c))
@@ -91,13 +91,13 @@ def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor])
 def _directions(params, grads, momentum_buffers, *, momentum, dampening, weight_decay, nesterov, maximize):
     """Return (u, d) for one bucket and advance the momentum buffers in place.
 
-    u = s·(g + λ·w); d is u after momentum (SPEC). Neither aliases ``p.grad`` when it
+    u = s·g + λ·w; d is u after momentum (SPEC). Neither aliases ``p.grad`` when it
     will be written to; new momentum buffers are stored into ``momentum_buffers``.
     """
     if maximize:
         u = torch._foreach_neg(grads)
         if weight_decay != 0:
-            torch._foreach_add_(u, params, alpha=-weight_decay)
+            torch._foreach_add_(u, params, alpha=weight_decay)
     elif weight_decay != 0:
         u = torch._foreach_add(grads, params, alpha=weight_decay)
     else:
@@ -277,10 +277,10 @@ def tlr(
         if scope == "group" and (sums_u or sums_new_buffer) and not half and _fused_ok(b_params, b_grads):
             # Hot path: torch's fused SGD kernel, with α as a device tensor, moves the
             # weights and the momentum in one pass after α has been updated.
-            if sums_u:  # A += s·g + s·λ·w
+            if sums_u:  # A += s·g + λ·w
                 torch._foreach_add_(b_sums, b_grads, alpha=sign)
                 if weight_decay != 0:
-                    torch._foreach_add_(b_sums, b_params, alpha=sign * weight_decay)
+                    torch._foreach_add_(b_sums, b_params, alpha=weight_decay)
             movers.append(_fused_mover(b_params, b_grads, b_bufs, momentum_buffers, idx, b_alphas[0], kw))
             if sums_new_buffer:  # A += d = the updated buffer
                 movers.append(lambda sums=b_sums, bufs=b_bufs: torch._foreach_add_(sums, bufs))
@@ -372,9 +372,7 @@ def _close_window_on_device(statistics, window_sums, prev_window_sums, bound, wi
 
 def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):
     momentum = kw["momentum"]
-    # SPEC's maximize negates all of g + λ·w; torch's negates only g. Negating λ too
-    # makes the kernel's (-g) + (-λ)·w equal -(g + λ·w).
-    wd = -kw["weight_decay"] if kw["maximize"] else kw["weight_decay"]
+    wd = kw["weight_decay"]  # torch's maximize negates only g, as SPEC does
     if momentum == 0:
         parts = [(list(range(len(params))), False)]
     else:

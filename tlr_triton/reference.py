@@ -94,9 +94,8 @@ class ReferenceTLR(Optimizer):
                 st["prev_window_sum"] = torch.zeros_like(w)
             if group["scope"] == "tensor" and "alpha" not in st:
                 st["alpha"] = group["lr"]
+            g = -g if group["maximize"] else g  # SPEC: only g is negated, as in torch.optim.SGD
             u = g + lam * w if lam != 0 else g  # λ = 0 means no term (0·NaN weights would be NaN)
-            if group["maximize"]:
-                u = -u
             d = u
             if mu != 0:
                 if "momentum_buffer" not in st:
