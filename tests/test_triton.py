@@ -362,3 +362,37 @@ def test_triton_checkpoint_loads_into_the_torch_path_and_continues():
         resumed.step()
         ref.step()
         assert_matches_reference(resumed, ref, resumed_params, qs, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9, weight_decay=0.1, maximize=True),
+                                 dict(momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+                                 dict(weight_decay=0.1, maximize=True, statistic="direction")])
+def test_equals_torch_sgd_while_alpha_is_constant(cfg):
+    """Before the first closing the Triton path is torch.optim.SGD with lr = α (maximize negates g only)."""
+    params = make_params(dtype=torch.float32)
+    twins = twin(params)
+    opt = TLR(params, lr=0.05, window=50, backend="triton", **cfg)
+    sgd = torch.optim.SGD(twins, lr=0.05, foreach=False, **{k: v for k, v in cfg.items() if k != "statistic"})
+    for t in range(4):
+        set_grads([params, twins], t)
+        opt.step()
+        sgd.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_a_deepcopy_steps_and_continues_bit_identically():
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=1, max_window=4, backend="triton")
+    for t in range(3):
+        set_grads([params], t)
+        opt.step()
+    dup = copy.deepcopy(opt)
+    dup_params = dup.param_groups[0]["params"]
+    for t in range(3, 9):
+        set_grads([params, dup_params], t)
+        opt.step()
+        dup.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, dup_params))
+    assert torch.equal(opt.param_groups[0]["lr"], dup.param_groups[0]["lr"])
+    assert torch.equal(opt.param_groups[0]["window_state"], dup.param_groups[0]["window_state"])
