@@ -233,3 +233,18 @@ def test_compiled_step_does_not_recompile_at_closing_steps(cfg):
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.double(), q.double(), rtol=1e-5, atol=1e-5)
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(ref.param_groups[0]["lr"], rel=1e-5)
+
+
+def test_built_and_stepped_inside_a_compiled_function():
+    """Dynamo drops attributes an Optimizer subclass sets before Optimizer.__init__ (torch's
+    dynamo-wrapped optimizer tests build optimizers this way): TLR sets none there."""
+
+    def build_and_step():
+        p = torch.nn.Parameter(torch.ones(2, 3))
+        p.grad = torch.ones_like(p)
+        opt = TLR([p], lr=0.01)
+        opt.step()
+        return p
+
+    out = torch.compile(build_and_step, backend="eager")()
+    torch.testing.assert_close(out.detach(), torch.full((2, 3), 0.99))

@@ -148,6 +148,51 @@ def test_deepcopy_and_repr():
     assert text.startswith("TLR (") and "window: auto" in text and "statistic: gradient" in text
 
 
+def _pickled(opt):
+    import pickle
+
+    return pickle.loads(pickle.dumps(opt))
+
+
+def _saved(opt):
+    buf = io.BytesIO()
+    torch.save(opt, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", [copy.deepcopy, _pickled, _saved], ids=["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(lr=0.05, momentum=0.9)], ids=range(len(CONFIGS) + 1))
+def test_a_copy_steps_and_continues_bit_identically(how, cfg):
+    params = make_params()
+    opt = TLR(params, **cfg)
+    run(opt, params, 4)
+    dup = how(opt)
+    dup_params = [p for g in dup.param_groups for p in g["params"]]
+    assert all(p is not q for p, q in zip(params, dup_params))
+    run(opt, params, 7, start=4)
+    run(dup, dup_params, 7, start=4)
+    assert all(torch.equal(p, q) for p, q in zip(params, dup_params))
+    assert_same_state(opt, dup)
+
+
+def test_a_copy_of_a_sharded_optimizer_refuses_to_step_alone():
+    """A process group is not copied: the copy says so instead of silently using local statistics."""
+    params = make_params()
+    opt = TLR(params, shard_group=object())  # never used: no step is taken on the original
+    dup = copy.deepcopy(opt)
+    assert dup.shard_group is None
+    set_grads([dup.param_groups[0]["params"]], 0)
+    before = [p.detach().clone() for p in dup.param_groups[0]["params"]]
+    with pytest.raises(RuntimeError, match="shard_group"):
+        dup.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, dup.param_groups[0]["params"]))
+    dup.shard_group = None  # this process alone, said explicitly
+    dup.step()
+    plain = copy.deepcopy(TLR(make_params()))
+    assert plain.shard_group is None and not plain._shard_group_lost
+
+
 def test_step_hooks_and_state_dict_hooks_still_work():
     params = make_params()
     opt = TLR(params)

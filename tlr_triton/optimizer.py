@@ -232,7 +232,7 @@ class TLR(Optimizer):
     ``max_window`` this is SPEC.md exactly::
 
         for every step t, for the parameters p of a group that have a gradient:
-            u = g + λ·w                                 (negated with maximize)
+            u = s·g + λ·w                               (s = -1 with maximize, else 1)
             d = u, or with momentum: b = u (first step) | μ·b + (1-τ)·u;  d = b | u + μ·b (nesterov)
             A += u  (statistic="gradient")  |  A += d  (statistic="direction", the paper's)
             if (t + 1) % window == 0:                   (t counts step() calls)
@@ -255,8 +255,7 @@ class TLR(Optimizer):
         params: parameters or parameter groups (any hyper-parameter may differ per group).
         lr: the initial α (float or 1-element tensor). TLR adapts it, so it matters
             little (see the README's robustness table).
-        momentum, dampening, weight_decay, nesterov: as in :class:`torch.optim.SGD`,
-            except ``maximize`` (below).
+        momentum, dampening, weight_decay, nesterov: as in :class:`torch.optim.SGD`.
         bound: the paper's c, the largest relative growth of α per window.
         window: ``"auto"`` (the adaptive window above), or steps per α update (W), fixed.
             The paper uses p·N, a fraction p of an epoch of N steps:
@@ -270,8 +269,8 @@ class TLR(Optimizer):
         statistic: ``"gradient"`` sums g + λ·w (default), ``"direction"`` sums the
             directions taken, (w_t - w_{t-W})/α, as the paper's code does; with momentum
             the latter is biased upwards and can diverge (SPEC.md).
-        maximize: maximise the objective. Unlike torch's SGD, the whole of g + λ·w is
-            negated (SPEC), so weight decay then pushes weights away from zero.
+        maximize: maximise the objective. As in torch's SGD only g is negated, so weight
+            decay still pulls the weights toward zero (SPEC).
         backend: ``"auto"`` (Triton for CUDA tensors when triton is installed, the
             PyTorch path elsewhere), ``"torch"``, or ``"triton"`` (the fused kernels: CUDA,
             or CPU through Triton's interpreter with ``TRITON_INTERPRET=1``; anything else
@@ -344,9 +343,22 @@ class TLR(Optimizer):
         check_hyperparameters(**defaults)  # before super().__init__, so nothing is built on bad input
         if isinstance(params, (set, frozenset)):
             raise TypeError("params must be an ordered collection (a list), not a set: a set's order changes between runs")
-        # Not a group option: a process group cannot be saved in a state_dict.
-        self._shard_group = shard_group
         super().__init__(params, defaults)
+        # Not a group option: a process group cannot be saved in a state_dict. Set after
+        # Optimizer.__init__: Dynamo drops attributes set before it when it builds the
+        # optimizer inside a compiled frame.
+        self._shard_group = shard_group
+        self._shard_group_lost = False
+
+    @property
+    def shard_group(self):
+        """The process group the window statistics are summed over (``None``: this process alone)."""
+        return self._shard_group
+
+    @shard_group.setter
+    def shard_group(self, group) -> None:
+        self._shard_group = group
+        self._shard_group_lost = False
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -393,8 +405,18 @@ class TLR(Optimizer):
         value = torch.tensor([0, 1]) if value is None else torch.as_tensor(value)
         return value.to(device=device, dtype=torch.int64, copy=True)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups; a process group cannot be copied or
+        # pickled, so a copy only learns that the original had one (and refuses to step alone).
+        return {**super().__getstate__(), "had_shard_group": self._shard_group is not None}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        lost = state.pop("had_shard_group", False)
         super().__setstate__(state)
+        # Attributes set in __init__ that torch's state does not carry (deepcopy, pickle, torch.save).
+        self._shard_group = None
+        self._shard_group_lost = lost
         # Fill in entries added after a checkpoint was written, so older dicts still load.
         defaults = dict(bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET, scope="group",
                         statistic="gradient", maximize=False, backend="auto")
@@ -542,6 +564,11 @@ class TLR(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._shard_group_lost:
+            raise RuntimeError(
+                "this TLR is a copy (deepcopy, pickle or torch.save) of one whose window statistics were summed over a "
+                "shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
+            )
         for index, group in enumerate(self.param_groups):
             self._check_group(index, group)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
