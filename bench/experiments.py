@@ -1,13 +1,15 @@
 """The paper's experiments at small scale, on data that ships inside packages.
 
     python bench/experiments.py                  # default configuration (a few minutes on 2 cores)
-    python bench/experiments.py --full           # every experiment, both tasks, 3 seeds
+    python bench/experiments.py --full           # every experiment, every task, 3 seeds
     python bench/experiments.py --only robustness --task digits
     python bench/experiments.py --plot-only      # re-plot and re-tabulate from the JSON files
 
 Tasks: "digits", the paper's MNIST network (one hidden layer of 1000) on scikit-learn's
 digits; "charlm", a small character-level transformer on text from Python's own
-standard library sources (the analogue of the paper's transformer experiment). Splits
+standard library sources (the analogue of the paper's transformer experiment); "wine"
+and "cancer", an MLP (one hidden layer of 64) on scikit-learn's small tabular sets, where
+small batches drive the train loss to 0 (the setting of the blow-up guard). Splits
 are fixed and seeded. Experiments: robustness (paper Fig. 1), baselines (Fig. 3), bound c
 (Fig. 8), window p (Fig. 6), fixed meta-rate η (Fig. 9). Each writes
 bench/out/<experiment>-<task>.{json,md,png}; finished runs are kept in the JSON, so an
@@ -123,7 +125,37 @@ class CharLM:
         return self.loss(model, *self.eval_train).item(), math.exp(test) if test < 700 else math.inf  # diverged: inf
 
 
-TASKS = {"digits": Digits, "charlm": CharLM}
+class Tabular:
+    """A small tabular classification set bundled with scikit-learn (standardised, 80/20 split) and
+    an MLP with one hidden layer of 64: the setting where the adaptive window once locked α in a
+    blow-up (train loss near 0, small batches)."""
+
+    metric = "accuracy"
+    SETS = {"wine": "load_wine", "cancer": "load_breast_cancer"}
+
+    def __init__(self, name: str, seed: int = 0) -> None:
+        import sklearn.datasets
+
+        self.name = name
+        x, y = getattr(sklearn.datasets, self.SETS[name])(return_X_y=True)
+        x = torch.tensor(x, dtype=torch.float32)
+        y = torch.tensor(y, dtype=torch.long)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        n_test = len(x) // 5
+        test, train = perm[:n_test], perm[n_test:]
+        mean, std = x[train].mean(0), x[train].std(0)
+        x = (x - mean) / std
+        self.test, self.train = (x[test], y[test]), (x[train], y[train])
+        self.classes = int(y.max()) + 1
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return mlp(self.train[0].shape[1], 64, self.classes)
+
+    batches, steps_per_epoch, loss, evaluate = Digits.batches, Digits.steps_per_epoch, Digits.loss, Digits.evaluate
+
+
+TASKS = {"digits": Digits, "charlm": CharLM, "wine": lambda: Tabular("wine"), "cancer": lambda: Tabular("cancer")}
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -131,9 +163,11 @@ def build(name: str, params, lr: float, epochs: int, steps_per_epoch: int, **kw)
     """Return (optimizer, scheduler or None). SGD-based methods share momentum 0.8 and wd 5e-4."""
     sgd = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     params = list(params)
-    if name.startswith("tlr"):  # tlr, tlr-tensor, tlr-direction, tlr-tensor-direction
+    if name.startswith("tlr"):  # tlr, tlr-tensor, tlr-direction, tlr-tensor-direction, tlr-noguard
         scope = "tensor" if "tensor" in name else "group"
         statistic = "direction" if "direction" in name else "gradient"
+        if "noguard" in name:  # the adaptive window without its blow-up guard (the previous default)
+            kw = dict(kw, blowup_ratio=None)
         return TLR(params, lr=lr, scope=scope, statistic=statistic, **sgd, **kw), None
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, **sgd), None
@@ -183,6 +217,8 @@ def alphas(opt) -> list[float]:
     for g in opt.param_groups:
         if isinstance(opt, TLR) and g["scope"] == "tensor":
             out += [float(opt.state[p]["alpha"]) for p in g["params"] if "alpha" in opt.state.get(p, {})]
+        elif isinstance(opt, TLR):
+            out.append(float(g["alpha"]) * float(g["lr"]) / float(g["initial_lr"]))
         else:
             out.append(float(g["lr"]))
     return out
@@ -236,13 +272,22 @@ def diverged(h: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- experiments
+LR0 = {"digits": 0.01, "charlm": 0.1, "wine": 0.1, "cancer": 0.1}
+BATCH = {"digits": 128, "charlm": 32, "wine": 16, "cancer": 16}
+# The robustness grid (paper Fig. 1 and beyond): initial rates up to 1.0, small batches.
+ROBUST_LRS = (1e-3, 1e-2, 1e-1, 1.0)
+ROBUST_BATCHES = {"digits": [8, 16, 64, 128, 256, 512], "charlm": [8, 16, 32, 64, 128], "wine": [8, 16, 32, 64],
+                  "cancer": [8, 16, 32, 64]}
+QUICK_BATCHES = {"digits": [16, 128, 512], "charlm": [32], "wine": [8, 16], "cancer": [8, 16]}
+
+
 def grid(experiment: str, task: str, full: bool):
     """The runs of an experiment: list of (label, optimizer, lr, batch, kwargs)."""
-    lr0 = {"digits": 0.01, "charlm": 0.1}[task]
-    batch = {"digits": 128, "charlm": 32}[task]
+    lr0, batch = LR0[task], BATCH[task]
     if experiment == "robustness":
-        batches = [64, 128, 256, 512] if task == "digits" else ([16, 32, 64, 128] if full else [32])
-        return [(f"{o} lr0={lr} batch={b}", o, lr, b, {}) for o in ("sgd", "tlr") for lr in (1e-3, 1e-2, 1e-1) for b in batches]
+        batches = ROBUST_BATCHES[task] if full else QUICK_BATCHES[task]
+        optimizers = ("sgd", "tlr", "tlr-noguard") if full else ("sgd", "tlr")
+        return [(f"{o} lr0={lr} batch={b}", o, lr, b, {}) for o in optimizers for lr in ROBUST_LRS for b in batches]
     if experiment == "baselines":
         names = ["tlr", "tlr-tensor", "tlr-direction", "tlr-tensor-direction", "sgd", "sgd-multistep", "sgd-exp", "adam",
                  "hd-1e-5", "hd-1e-4", "hd-1e-3", "naive"] + optional_peers()
@@ -256,7 +301,8 @@ def grid(experiment: str, task: str, full: bool):
     if experiment == "window":
         runs = [(f"tlr p={p}", "tlr", lr0, batch, {"window_p": p}) for p in (0.1, 0.25, 0.33, 1.0)]
         return runs + [("tlr window=3 (fixed)", "tlr", lr0, batch, {"window": 3}),
-                       ("tlr window=auto (default)", "tlr", lr0, batch, {})]
+                       ("tlr window=auto (default)", "tlr", lr0, batch, {}),
+                       ("tlr window=auto, no blow-up guard", "tlr-noguard", lr0, batch, {})]
     if experiment == "meta":
         etas = (1e-5, 1e-4, 1e-3, 1e-2) if full else (1e-5, 1e-4, 1e-3)
         return [(f"hd eta={e}", "hd", lr0, batch, {"meta_lr": e}) for e in etas] + \
@@ -265,7 +311,7 @@ def grid(experiment: str, task: str, full: bool):
 
 
 EXPERIMENTS = ["robustness", "baselines", "bound", "window", "meta"]
-EPOCHS = {"digits": 30, "charlm": 15}
+EPOCHS = {"digits": 30, "charlm": 15, "wine": 40, "cancer": 40}
 
 
 def summarise(task: str, runs: dict) -> list[dict]:
@@ -311,39 +357,75 @@ def markdown(experiment: str, task: str, rows: list[dict], runs: dict) -> str:
                      f"| {r['reach'][0]:.1f} | {r['diverged']} |")
     if experiment == "robustness":
         lines += ["", "| optimizer | spread (max/min final train loss, runs that did not diverge) | diverged |", "|---|---:|---:|"]
-        for opt in ("sgd", "tlr"):
+        for opt in ("sgd", "tlr", "tlr-noguard"):
             hs = [h for k, h in runs.items() if k.startswith(opt + " ")]
+            if not hs:
+                continue
             ok = [h["loss"][-1] for h in hs if not diverged(h)]
             spread = max(ok) / min(ok) if ok else float("nan")
             lines.append(f"| {opt} | {spread:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
     return "\n".join(lines) + "\n"
 
 
+def _clip(values, top):
+    """A curve for a log plot: values above ``top`` (or not finite) are cut there."""
+    return [min(v, top) if math.isfinite(v) else top for v in values]
+
+
 def plot(experiment: str, task: str, runs: dict, path: Path) -> None:
+    """Seed-0 curves. Robustness: one loss panel per optimizer (colour = α0, line = batch) and TLR's α;
+    otherwise one distinct colour per run. Losses are clipped at 10x the untrained model's, so a
+    diverged run shows as a curve ending at the top edge instead of stretching the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, h in runs.items():
-        label = key.rsplit(" seed=", 1)[0]
-        if key.endswith("seed=0") or " seed=" not in key:
+    shown = {key.rsplit(" seed=", 1)[0]: h for key, h in runs.items() if key.endswith("seed=0") or " seed=" not in key}
+    if not shown:
+        return
+    top = 10 * max(h["initial_loss"] for h in shown.values())
+
+    def alpha_curve(h):
+        return [statistics.median(x) for x in h["alpha"]]
+
+    if experiment == "robustness":
+        optimizers = [o for o in ("sgd", "tlr", "tlr-noguard") if any(k.startswith(o + " ") for k in shown)]
+        lrs = sorted({float(k.split("lr0=")[1].split()[0]) for k in shown})
+        batches = sorted({int(k.split("batch=")[1]) for k in shown})
+        colour = {lr: plt.cm.plasma(0.85 * i / max(1, len(lrs) - 1)) for i, lr in enumerate(lrs)}
+        style = dict(zip(batches, ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]))
+        fig, axes = plt.subplots(1, len(optimizers) + 1, figsize=(4.6 * (len(optimizers) + 1), 4.2))
+        for ax, opt in zip(axes, optimizers):
+            for key, h in shown.items():
+                if key.startswith(opt + " "):
+                    lr, b = float(key.split("lr0=")[1].split()[0]), int(key.split("batch=")[1])
+                    ax.plot(range(1, len(h["loss"]) + 1), _clip(h["loss"], top), color=colour[lr], ls=style[b], lw=1.2)
+                    if opt == "tlr":
+                        axes[-1].plot(range(1, len(h["alpha"]) + 1), alpha_curve(h), color=colour[lr], ls=style[b], lw=1.2)
+            ax.set(yscale="log", xlabel="epoch", ylabel="train loss", title=f"{opt}: {task}")
+            ax.set_ylim(top=top * 1.5)
+        axes[-1].set(yscale="log", xlabel="epoch", ylabel="TLR's α (median over scopes)", title="tlr: α")
+        handles = [Line2D([], [], color=colour[lr], lw=2, label=f"α0 = {lr:g}") for lr in lrs]
+        handles += [Line2D([], [], color="k", ls=style[b], label=f"batch {b}") for b in batches]
+        axes[-1].legend(handles=handles, fontsize=7, ncol=2, loc="best")
+    else:
+        fig, (ax_loss, ax_alpha) = plt.subplots(1, 2, figsize=(13, 4.5))
+        cmap = plt.cm.tab10 if len(shown) <= 10 else plt.cm.tab20
+        for i, (label, h) in enumerate(shown.items()):
+            c = cmap(i % cmap.N)
             ep = range(1, len(h["loss"]) + 1)
-            style = "--" if label.startswith("sgd") and experiment == "robustness" else "-"
-            ax_loss.plot(ep, h["loss"], style, lw=1, label=label)
-            a = h["alpha"]
-            if a and len(a[0]) > 1:  # per-tensor α: the spread of the tensors' α
-                ax_alpha.fill_between(ep, [min(x) for x in a], [max(x) for x in a], alpha=0.2)
-                ax_alpha.plot(ep, [statistics.median(x) for x in a], style, lw=1, label=label + " (median)")
-            elif a:
-                ax_alpha.plot(ep, [x[0] for x in a], style, lw=1, label=label)
-    for ax, name in ((ax_loss, "train loss"), (ax_alpha, "learning rate α")):
-        ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-    ax_loss.set_title(f"{experiment}: {task}")
-    ax_alpha.legend(fontsize=6, ncol=2)
+            ax_loss.plot(ep, _clip(h["loss"], top), color=c, lw=1.2, label=label)
+            if not all(math.isfinite(v) and v <= top for v in h["loss"]):
+                ax_loss.plot(ep[-1], top, "x", color=c, ms=8)  # diverged: cut at the top edge
+            if h["alpha"]:
+                ax_alpha.plot(range(1, len(h["alpha"]) + 1), alpha_curve(h), color=c, lw=1.2, label=label)
+        ax_loss.set(yscale="log", xlabel="epoch", ylabel="train loss (x: diverged, cut at 10x the untrained loss)",
+                    title=f"{experiment}: {task}")
+        ax_loss.set_ylim(top=top * 1.5)
+        ax_alpha.set(yscale="log", xlabel="epoch", ylabel="learning rate (TLR: α, median over scopes)")
+        ax_alpha.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -370,13 +452,13 @@ def run_experiment(experiment: str, task_name: str, seeds: list[int], full: bool
     return text
 
 
-DEFAULT = [("robustness", "digits"), ("baselines", "digits"), ("window", "digits"), ("bound", "digits"),
-           ("robustness", "charlm"), ("baselines", "charlm")]
+DEFAULT = [("robustness", "digits"), ("robustness", "wine"), ("baselines", "digits"), ("window", "digits"),
+           ("bound", "digits"), ("robustness", "charlm"), ("baselines", "charlm")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="every experiment on both tasks, 3 seeds")
+    ap.add_argument("--full", action="store_true", help="every experiment on every task, 3 seeds")
     ap.add_argument("--only", choices=EXPERIMENTS, nargs="+")
     ap.add_argument("--task", choices=list(TASKS), nargs="+")
     ap.add_argument("--seeds", type=int, nargs="+")
@@ -389,9 +471,11 @@ def main() -> None:
         plan = DEFAULT
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])
     t0 = time.perf_counter()
-    report = [run_experiment(e, t, seeds, args.full, args.plot_only) for e, t in plan]
-    (OUT / "summary.md").write_text("\n".join(report))
-    print("\n".join(report))
+    report = []
+    for e, t in plan:  # each table as soon as its experiment is done
+        report.append(run_experiment(e, t, seeds, args.full, args.plot_only))
+        print(report[-1], flush=True)
+        (OUT / "summary.md").write_text("\n".join(report))
     print(f"({time.perf_counter() - t0:.0f} s; tables, JSON and figures in {OUT})")
 
 

@@ -1,8 +1,8 @@
 """Host side of the Triton path: address tables, block maps, launches.
 
 ``tlr_triton_step`` runs one TLR step for the tensors of one param group: per (device,
-dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_alpha_kernel`` for the
-group, then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
+dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_window_kernel`` and one
+``tlr_alpha_kernel`` for the group, then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
 device value: the closing decision, α and the step counter stay on the device.
 
 Address tables and block maps are a pure function of the tensors' addresses, sizes
@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from tlr_triton.functional import advance_step, state_dtype, window_representation
+from tlr_triton.functional import advance_step, snapshots_allowed, state_dtype, window_representation
 
 from . import tlr_step as K
 
@@ -103,6 +103,8 @@ def tlr_triton_step(
     units: int = 1,
     window_reset: float = 0.05,
     window_state: Tensor,
+    blowup_ratio: float | None = None,
+    window_energy: Tensor | None = None,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -112,6 +114,7 @@ def tlr_triton_step(
     statistic: str,
     scope: str,
     buckets: list[list[int]],
+    lr_factor: float | Tensor = 1.0,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     first_steps: list[bool] | None = None,
@@ -125,7 +128,9 @@ def tlr_triton_step(
     where ``window_representation`` says "window_start", else A; ``step`` is the group's
     int64 step counter on the device, advanced here (not when ``found_inf`` is set).
     ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
-    updated here; windows are k·``window`` steps, 1 <= k <= ``units``.
+    updated here; windows are k·``window`` steps, 1 <= k <= ``units``. ``blowup_ratio``
+    (None: off) and ``window_energy`` (float64 [2], updated here) are the adaptive
+    window's blow-up guard (``functional.tlr``).
     """
     device = step.device
     alpha_of = (lambda i: alphas[0]) if scope == "group" else (lambda i: alphas[i])
@@ -136,7 +141,8 @@ def tlr_triton_step(
     total = 0
     for idx in buckets:
         dtype = params[idx[0]].dtype
-        snap = window_representation("triton", dtype, statistic, momentum) == "window_start"
+        snap = window_representation("triton", dtype, statistic, momentum,
+                                     snapshots_allowed(lr_factor, units, blowup_ratio)) == "window_start"
         work_p, work_g, firsts = [], [], []
         for i in idx:
             p = params[i]
@@ -168,7 +174,7 @@ def tlr_triton_step(
         key = (device, dtype, tuple(map(tuple, rows)))
         tab, blk = tables.get(key, lambda: _bucket_table(device, rows, nblk))
         state_key.append(key)
-        launches.append((idx, dtype, snap, tab, blk, len(idx), sum(nblk), total, int(not launches)))
+        launches.append((idx, dtype, snap, tab, blk, len(idx), sum(nblk), total))
         part_offsets.append(total)
         nblks.append(nblk)
         total += sum(nblk)
@@ -179,14 +185,13 @@ def tlr_triton_step(
 
     def build_group():
         part = torch.zeros(2, max(total, 1), dtype=torch.float64, device=device)
-        flag = torch.zeros((), dtype=torch.int32, device=device)
-        return part, flag, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
+        flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
+        cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
+        return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
-    part, flag, scopes = tables.get(("group", device, scope, tuple(state_key)), build_group)
-    # float() each: a hyper-parameter given as an int (weight_decay=1) is the same value.
-    values = tuple(map(float, (momentum, dampening, weight_decay, -1.0 if maximize else 1.0, bound, window_reset)))
-    hyper = tables.get(("hyper", device, values),
-                       lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
+    part, flag, cut, scopes = tables.get(("group", device, scope, tuple(state_key)), build_group)
+    hyper = _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor,
+                   blowup_ratio if units > 1 and blowup_ratio is not None else 0.0)
     dummy = flag  # any device pointer, never read when the matching flag is off
     kw = dict(
         HAS_MOMENTUM=momentum != 0,
@@ -194,22 +199,25 @@ def tlr_triton_step(
         HAS_SCALE=grad_scale is not None,
     )
     with _device_guard(device):
-        for idx, dtype, snap, tab, blk, n, n_blocks, offset, first_launch in launches:
+        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
             K.tlr_step_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, part, part.shape[1], offset, step,
                 grad_scale if grad_scale is not None else dummy,
                 found_inf if found_inf is not None else dummy,
-                window_state, flag, first_launch, window, units, hyper,
+                window_state, window, units, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
                 SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap,
                 HAS_INF=found_inf is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, **kw,
             )
-        K.tlr_alpha_kernel[(scopes.shape[1],)](
-            scopes, scopes.shape[1], part, part.shape[1], total, step,
-            found_inf if found_inf is not None else dummy, flag, window_state, window, units, hyper,
+        K.tlr_window_kernel[(1,)](
+            part, part.shape[1], total, step, found_inf if found_inf is not None else dummy, window_state,
+            window_energy if window_energy is not None else cut, flag, cut, window, units, hyper,
             HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
         )
-        for idx, dtype, snap, tab, blk, n, n_blocks, offset, _ in launches:
+        K.tlr_alpha_kernel[(scopes.shape[1],)](
+            scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, RBLOCK=RBLOCK,
+        )
+        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
             K.tlr_move_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, flag,
                 grad_scale if grad_scale is not None else dummy, hyper,
@@ -219,6 +227,23 @@ def tlr_triton_step(
     for p, pc in copies:
         p.copy_(pc)
     advance_step(step, found_inf)
+
+
+def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor, blowup_ratio) -> Tensor:
+    """The float64 hyper-parameter vector the kernels read (``tlr_step.H_*``), memoised on its values.
+
+    float() each: a hyper-parameter given as an int (weight_decay=1) is the same value. A
+    tensor ``lr_factor`` (a tensor lr) is put in place on the device, without a host read.
+    """
+    head = tuple(map(float, (momentum, dampening, weight_decay, -1.0 if maximize else 1.0, bound, window_reset)))
+    tail = (float(blowup_ratio),)
+
+    def vector(values):
+        return tables.get(("hyper", device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
+
+    if isinstance(lr_factor, Tensor):
+        return torch.cat([vector(head), lr_factor.reshape(1).to(device=device, dtype=torch.float64), vector(tail)])
+    return vector(head + (float(lr_factor),) + tail)
 
 
 class _device_guard:
@@ -238,7 +263,8 @@ class _device_guard:
 # launcher's host work, address tables and memo, stays out of the traced graph).
 @torch.library.custom_op(
     "tlr_triton::triton_step",
-    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step", "window_state"),
+    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step", "window_state",
+                  "window_energy"),
 )
 def triton_step_op(
     params: list[Tensor],
@@ -253,6 +279,8 @@ def triton_step_op(
     units: int,
     window_reset: float,
     window_state: Tensor,
+    blowup_ratio: float | None,
+    window_energy: Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -261,6 +289,8 @@ def triton_step_op(
     bound: float,
     statistic: str,
     scope: str,
+    lr_factor: float,
+    lr_factor_tensor: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
 ) -> None:
@@ -270,14 +300,16 @@ def triton_step_op(
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     tlr_triton_step(
         params, grads, bufs, window_sums, prev_window_sums, alphas, step=step, window=window, units=units,
-        window_reset=window_reset, window_state=window_state,
+        window_reset=window_reset, window_state=window_state, blowup_ratio=blowup_ratio, window_energy=window_energy,
         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=_buckets(params),
+        lr_factor=lr_factor_tensor if lr_factor_tensor is not None else lr_factor,
         grad_scale=grad_scale, found_inf=found_inf, first_steps=first_steps if momentum != 0 else None,
     )
 
 
 @triton_step_op.register_fake
 def _(params, grads, momentum_buffers, first_steps, window_sums, prev_window_sums, alphas, step, window, units,
-      window_reset, window_state, momentum, dampening, weight_decay, nesterov, maximize, bound, statistic, scope, grad_scale, found_inf):
+      window_reset, window_state, blowup_ratio, window_energy, momentum, dampening, weight_decay, nesterov, maximize,
+      bound, statistic, scope, lr_factor, lr_factor_tensor, grad_scale, found_inf):
     return None

@@ -1,20 +1,25 @@
 """Triton kernels for one TLR step over every tensor of a (device, dtype) bucket.
 
-One step of one param group is three launches, always the same three, so that a CUDA
+One step of one param group is four launches, always the same four, so that a CUDA
 graph can capture them; whether the step closes a window is decided on the device from
 the group's step counter and window state (units of W0 steps so far, length k):
 
 1. ``tlr_step_kernel``, one program per block of BLOCK elements of any tensor:
    direction (weight decay, momentum, nesterov, maximize), window statistic and, on an
-   ordinary step, the weight update with α read from device memory. On a closing step
-   it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A into P, and leaves
-   the weights for launch 3. Its first program writes the "closes" flag.
-2. ``tlr_alpha_kernel``, one program per α-scope: on a closing step, sums its blocks'
-   partials in a fixed order (no atomics: bit-identical runs), applies SPEC's Newton
-   factor with its guards and writes α; its first program advances the window state
-   (the adaptive window's next length comes from the whole group's Newton step).
-3. ``tlr_move_kernel``: on a closing step, moves the weights with the new α
-   (Algorithm 2's order) and restarts the window snapshot; otherwise it does nothing.
+   ordinary step, the weight update with α read from device memory. Where the window
+   closes as scheduled it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A
+   into P and leaves the weights for launch 4; at the other ends of units of an adaptive
+   window watched by the blow-up guard it writes the partials and moves the weights.
+2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩ and ‖A‖² (summed in
+   a fixed order: no atomics, bit-identical runs) it decides whether the window closes
+   (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next window's
+   length, and the guard's cap on α's factor; it advances the window state.
+3. ``tlr_alpha_kernel``, one program per α-scope: when the window closes, sums its blocks'
+   partials in a fixed order, applies SPEC's Newton factor with its guards (and the cap)
+   and writes α.
+4. ``tlr_move_kernel``: on a scheduled closing, moves the weights with the new α
+   (Algorithm 2's order) and restarts the window snapshot; on an early one, P ← A and
+   A ← 0 (the weights moved in launch 1); otherwise it does nothing.
 
 Tensors are reached through a table of addresses (one int64 row per kind of tensor),
 blocks through a block → (tensor, offset) map; offsets are int64, so one tensor may
@@ -53,13 +58,21 @@ H_WEIGHT_DECAY = tl.constexpr(2)
 H_SIGN = tl.constexpr(3)           # -1.0 with maximize, else 1.0
 H_BOUND = tl.constexpr(4)          # the paper's c
 H_WINDOW_RESET = tl.constexpr(5)
-HYPER_SIZE = 6
+H_LR_FACTOR = tl.constexpr(6)      # a learning-rate schedule's factor: the weights move by α · factor · d
+H_BLOWUP = tl.constexpr(7)         # the adaptive window's blow-up guard ratio (0: off)
+HYPER_SIZE = 8
+
+# What the window kernel decides for this step (int32 ``flag``).
+OPEN = tl.constexpr(0)             # the window goes on
+CLOSES = tl.constexpr(1)           # it closes as scheduled: α first, then every weight moves (launch 4)
+CLOSES_LATE = tl.constexpr(2)      # the blow-up guard closes it after this step's move: α, then P ← A
 
 # Integer arguments that change with the layout of a group (counts, offsets, the window)
 # are not specialised: Triton would otherwise compile a new kernel for every value equal
 # to 1 or divisible by 16, and a value of 1 would become a constant of another type.
-_NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "write_flag", "window", "units"]
-_NO_SPEC_ALPHA = ["n_scopes", "n_part", "n_total", "window", "units"]
+_NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "window", "units"]
+_NO_SPEC_WINDOW = ["n_part", "n_total", "window", "units"]
+_NO_SPEC_ALPHA = ["n_scopes", "n_part"]
 _NO_SPEC_MOVE = ["n_tensors", "n_blocks"]
 
 
@@ -72,6 +85,12 @@ def _row(tab_ptr, row, n_tensors, t):
 def _and(mask, flag):
     """``mask & flag`` for a block mask and a scalar flag (Triton's interpreter types that `&` as int32)."""
     return (mask.to(tl.int32) * flag.to(tl.int32)) != 0
+
+
+@triton.jit
+def _or(a, b):
+    """``a | b`` for boolean scalars or blocks (see ``_and``)."""
+    return (a.to(tl.int32) + b.to(tl.int32)) != 0
 
 
 @triton.jit
@@ -156,8 +175,6 @@ def tlr_step_kernel(
     scale_ptr,        # fp32: AMP's grad scale (read if HAS_SCALE)
     inf_ptr,          # fp32: AMP's found_inf (read if HAS_INF): nonzero = skip the step
     ws_ptr,           # int64 [2]: the window's state, units so far and its length k in units
-    flag_ptr,         # int32: written here (first bucket's first program): 1 if this step closes
-    write_flag,       # 1 for the group's first bucket
     window,           # steps per unit (W0)
     units,            # the longest window, in units (K; 1 = fixed windows)
     hyp_ptr,          # float64 [HYPER_SIZE]: the group's hyper-parameters
@@ -174,13 +191,11 @@ def tlr_step_kernel(
     pid, t, start, lanes, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
     if HAS_INF:
         live = _and(live, tl.load(inf_ptr) == 0)
-    closing = _closing(step_ptr, ws_ptr, window, units)
-    if pid == 0:
-        if write_flag != 0:  # for the α and move kernels; nothing else in this launch reads it
-            if HAS_INF:
-                tl.store(flag_ptr, _and(closing, tl.load(inf_ptr) == 0).to(tl.int32))
-            else:
-                tl.store(flag_ptr, closing.to(tl.int32))
+    unit_ends, closing = _schedule(step_ptr, ws_ptr, window, units)
+    # ⟨A, P⟩ and ‖A‖² are needed where the window closes as scheduled, and at every unit's
+    # end when the blow-up guard watches the window (the window kernel then decides).
+    watched = _and(units > 1, tl.load(hyp_ptr + H_BLOWUP) > 0)
+    counts = _and(live, _and(unit_ends, _or(closing, watched)))
     closes = _and(live, closing)
     moves = _and(live, closing == 0)
 
@@ -200,10 +215,10 @@ def tlr_step_kernel(
     alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
     if SNAPSHOT:
         # A so far is the displacement since the window's start; add this step's d.
-        # (α = 0 moves nothing and stays 0: its displacement is 0, not 0/0.)
+        # (Only without the blow-up guard, whose early close comes after α has changed.)
         s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE)
-        s = tl.load(s_ptr + lanes, mask=closes, other=0.0).to(STATE_DTYPE)
-        a = (s - w) / tl.where(alpha > 0, alpha, 1.0) + d
+        s = tl.load(s_ptr + lanes, mask=counts, other=0.0).to(STATE_DTYPE)
+        a = (s - w) / alpha + d
     else:
         a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE)
         if SUM_DIRECTION:
@@ -212,24 +227,25 @@ def tlr_step_kernel(
             a = tl.load(a_ptr + lanes, mask=live, other=0.0) + u
         tl.store(a_ptr + lanes, tl.where(closing, 0.0, a), mask=live)  # closing: A restarts at 0
 
-    # Closing step: this block's share of ⟨A, P⟩ and ‖A‖², then P ← A.
+    # This block's share of ⟨A, P⟩ and ‖A‖² (zeros where not counted); a scheduled closing: P ← A.
     pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE)
-    prev = tl.load(pv_ptr + lanes, mask=closes, other=0.0)
-    a = tl.where(closes, a, 0.0)
+    prev = tl.load(pv_ptr + lanes, mask=counts, other=0.0)
+    a = tl.where(counts, a, 0.0)
     tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
 
     # Ordinary step: move now with the current α.
-    tl.store(p_ptr + lanes, _to_param(w - alpha * d, PARAM_DTYPE), mask=moves)
+    step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
+    tl.store(p_ptr + lanes, _to_param(w - step_size * d, PARAM_DTYPE), mask=moves)
 
 
 @triton.jit
-def _closing(step_ptr, ws_ptr, window, units):
-    """Whether this step closes the window: it ends a unit of W0 steps, and the window has its k units."""
+def _schedule(step_ptr, ws_ptr, window, units):
+    """Whether this step ends a unit of W0 steps, and whether the window then has its k units (closes)."""
     unit_ends = ((tl.load(step_ptr) + 1) % window) == 0
     k = tl.minimum(tl.load(ws_ptr + 1), units)
-    return _and(unit_ends, (tl.load(ws_ptr) + 1) >= k)
+    return unit_ends, _and(unit_ends, (tl.load(ws_ptr) + 1) >= k)
 
 
 @triton.jit
@@ -258,57 +274,86 @@ def _newton_r(dot, sq, bound):
     return tl.where(_and(denom > 0, tl.abs(r) <= 1.7976931348623157e308), r, 0.0)  # NaN fails <=
 
 
+@triton.jit(do_not_specialize=_NO_SPEC_WINDOW)
+def tlr_window_kernel(
+    part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖²
+    n_part,
+    n_total,          # blocks of the whole group
+    step_ptr,         # int64: the group's step counter (before this step)
+    inf_ptr,
+    ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced here
+    we_ptr,           # float64 [2]: ‖A‖² per unit of the last two closed windows, advanced here
+    flag_ptr,         # int32: written here: OPEN, CLOSES or CLOSES_LATE
+    cut_ptr,          # float64: written here: the largest factor α may take (no cap unless the guard trips)
+    window,
+    units,
+    hyp_ptr,
+    HAS_INF: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    """One program: the group's window decision for this step (SPEC's closing, the adaptive
+    window's next length, the blow-up guard), from the group's total ⟨A, P⟩ and ‖A‖²."""
+    unit_ends, scheduled = _schedule(step_ptr, ws_ptr, window, units)
+    if HAS_INF:
+        ok = tl.load(inf_ptr) == 0
+        unit_ends = _and(unit_ends, ok)
+        scheduled = _and(scheduled, ok)
+    ratio = tl.load(hyp_ptr + H_BLOWUP)
+    watched = _and(units > 1, ratio > 0)
+    needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
+    dot, sq = _reduce(part_ptr, n_part, 0, tl.where(needed, n_total, 0), RBLOCK)
+    done = tl.load(ws_ptr) + 1
+    k = tl.minimum(tl.load(ws_ptr + 1), units)
+    energy = sq / done.to(tl.float64)
+    reference = tl.maximum(tl.load(we_ptr), tl.load(we_ptr + 1))
+    jump = _and(_and(unit_ends, watched), _and(reference > 0, energy > ratio * reference))
+    cut = 1.0 / (1.0 + tl.sqrt(energy / tl.where(reference > 0, reference, 1.0)))
+    tl.store(cut_ptr, tl.where(jump, cut, 1.7976931348623157e308))  # no cap: the largest float64
+    closes = _or(scheduled, jump)
+    tl.store(flag_ptr, tl.where(scheduled, CLOSES, tl.where(jump, CLOSES_LATE, OPEN)).to(tl.int32))
+    r = _newton_r(dot, sq, tl.load(hyp_ptr + H_BOUND))
+    large = tl.abs(r) >= tl.load(hyp_ptr + H_WINDOW_RESET)
+    next_k = tl.where(_or(large, jump), 1, tl.minimum(k + 1, units))
+    tl.store(ws_ptr, tl.where(closes, 0, tl.where(unit_ends, done, done - 1)))
+    tl.store(ws_ptr + 1, tl.where(closes, next_k, k))
+    previous = tl.load(we_ptr)
+    tl.store(we_ptr + 1, tl.where(closes, previous, tl.load(we_ptr + 1)))
+    tl.store(we_ptr, tl.where(closes, energy, previous))
+
+
 @triton.jit(do_not_specialize=_NO_SPEC_ALPHA)
 def tlr_alpha_kernel(
     scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
     n_scopes,
     part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖²
     n_part,
-    n_total,          # blocks of the whole group
-    step_ptr,         # int64: the group's step counter (before this step)
-    inf_ptr,
-    flag_ptr,         # int32: 1 when this step closes a window (written by the step kernel)
-    ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced by program 0
-    window,
-    units,
-    hyp_ptr,          # float64 [HYPER_SIZE]: bound c and window_reset are read here
-    HAS_INF: tl.constexpr,
+    flag_ptr,         # int32: the window kernel's decision
+    cut_ptr,          # float64: the blow-up guard's cap on the factor
+    hyp_ptr,          # float64 [HYPER_SIZE]: the bound c is read here
     RBLOCK: tl.constexpr,
 ):
+    """One program per α-scope: α ← α·min(1 + r, cut) when the window closes (SPEC's Newton step)."""
     s = tl.program_id(0)
     start = tl.load(scope_ptr + s)
     end = tl.load(scope_ptr + n_scopes + s)
     alpha_ptr = tl.load(scope_ptr + 2 * n_scopes + s).to(tl.pointer_type(tl.float32))
-    closing = tl.load(flag_ptr) != 0
+    closing = tl.load(flag_ptr) != OPEN
 
     # On an ordinary step the reduction runs no iteration.
     dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
-    bound = tl.load(hyp_ptr + H_BOUND)
-    r = _newton_r(dot_s, sq_s, bound)
+    r = _newton_r(dot_s, sq_s, tl.load(hyp_ptr + H_BOUND))
     # A new α outside float32's normal range is refused.
     old = tl.load(alpha_ptr).to(tl.float64)
-    new = old * (1.0 + r)
+    new = old * tl.minimum(1.0 + r, tl.load(cut_ptr))
     keep = _and(new >= 1.1754943508222875e-38, new <= 3.4028234663852886e38)
     new = tl.where(_and(keep, closing), new, old)
     tl.store(alpha_ptr, new.to(tl.float32))
-
-    if s == 0:  # the window's state: the next window's length from the group's Newton step
-        unit_ends = ((tl.load(step_ptr) + 1) % window) == 0
-        if HAS_INF:
-            unit_ends = _and(unit_ends, tl.load(inf_ptr) == 0)
-        dot_g, sq_g = _reduce(part_ptr, n_part, 0, tl.where(_and(closing, units > 1), n_total, 0), RBLOCK)
-        r_g = _newton_r(dot_g, sq_g, bound)
-        done = tl.load(ws_ptr)
-        k = tl.minimum(tl.load(ws_ptr + 1), units)
-        next_k = tl.where(tl.abs(r_g) >= tl.load(hyp_ptr + H_WINDOW_RESET), 1, tl.minimum(k + 1, units))
-        tl.store(ws_ptr, tl.where(closing, 0, tl.where(unit_ends, done + 1, done)))
-        tl.store(ws_ptr + 1, tl.where(closing, next_k, k))
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_MOVE)
 def tlr_move_kernel(
     tab_ptr, n_tensors, blk_ptr, n_blocks,
-    flag_ptr,         # int32: 1 if this step closed a window
+    flag_ptr,         # int32: the window kernel's decision
     scale_ptr,
     hyp_ptr,
     PARAM_DTYPE: tl.constexpr,
@@ -320,7 +365,8 @@ def tlr_move_kernel(
     BLOCK: tl.constexpr,
 ):
     pid, t, start, lanes, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
-    live = _and(in_tensor, tl.load(flag_ptr) != 0)
+    flag = tl.load(flag_ptr)
+    live = _and(in_tensor, flag == CLOSES)
     p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
     u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w
     if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
@@ -333,8 +379,13 @@ def tlr_move_kernel(
     else:
         d = u
     alpha = tl.load(_row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
-    w_new = _to_param(w - alpha * d, PARAM_DTYPE)
+    w_new = _to_param(w - alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE) * d, PARAM_DTYPE)
     tl.store(p_ptr + lanes, w_new, mask=live)
     if SNAPSHOT:  # the next window starts here
         s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE)
         tl.store(s_ptr + lanes, w_new, mask=live)
+    else:  # the blow-up guard closed the window after the step kernel's move: P ← A, A ← 0
+        late = _and(in_tensor, flag == CLOSES_LATE)
+        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE)
+        tl.store(_at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE) + lanes, tl.load(a_ptr + lanes, mask=late), mask=late)
+        tl.store(a_ptr + lanes, tl.zeros([BLOCK], dtype=STATE_DTYPE), mask=late)

@@ -33,7 +33,7 @@ def test_algorithm_2_by_hand_on_a_quadratic():
         w.grad = None
         (0.5 * (torch.tensor(h, dtype=torch.float64) * w * w).sum()).backward()
         opt.step()
-        alphas_tlr.append(float(opt.param_groups[0]["lr"]))
+        alphas_tlr.append(float(opt.param_groups[0]["alpha"]))
     assert alphas_tlr == pytest.approx(alphas_hand, rel=1e-12)
     assert w.tolist() == pytest.approx(w_hand, rel=1e-12, abs=1e-15)
     assert alphas_tlr[0] == pytest.approx(0.01, rel=1e-7)  # first update: g_{-1} = 0, unchanged
@@ -76,7 +76,7 @@ def test_growth_and_shrink_are_bounded_and_alpha_stays_positive():
     for _ in range(5):
         p.grad = torch.ones(4)
         opt.step()
-        alphas.append(float(opt.param_groups[0]["lr"]))
+        alphas.append(float(opt.param_groups[0]["alpha"]))
     assert alphas[0] == pytest.approx(0.1)  # first window: no previous sum, unchanged
     ratios = [b / a for a, b in zip(alphas, alphas[1:])]
     assert all(1.0 < r <= 1.25 + 1e-6 for r in ratios), ratios
@@ -87,7 +87,7 @@ def test_growth_and_shrink_are_bounded_and_alpha_stays_positive():
     for t in range(40):
         q.grad = torch.ones(4) * (-1) ** t
         opt.step()
-        alphas.append(float(opt.param_groups[0]["lr"]))
+        alphas.append(float(opt.param_groups[0]["alpha"]))
     ratios = [b / a for a, b in zip(alphas, alphas[1:])]
     assert all(0.75 < r < 1.0 for r in ratios), ratios
     assert alphas[-1] > 0
@@ -101,7 +101,7 @@ def test_zero_gradients_leave_alpha_and_params_unchanged():
         p.grad = torch.zeros(5)
         opt.step()
     assert torch.equal(p, before)
-    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1)
+    assert float(opt.param_groups[0]["alpha"]) == pytest.approx(0.1)
     assert not opt.state[p]["window_sum"].any() and not opt.state[p]["prev_window_sum"].any()
 
 
@@ -113,7 +113,7 @@ def test_alpha_guards_refuse_overflow_and_underflow():
     for _ in range(3):
         p.grad = torch.ones(3)
         opt.step()
-    a = float(opt.param_groups[0]["lr"])
+    a = float(opt.param_groups[0]["alpha"])
     assert math.isfinite(a) and a > 0
 
 
@@ -201,3 +201,31 @@ def test_equals_torch_sgd_while_alpha_is_constant(cfg, dtype):
     tol = {} if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, **tol)
+
+
+def _sharpening_run(**kw):
+    """A noisy quadratic whose curvature jumps 200-fold at step 250, once α has settled and the window grown."""
+    torch.manual_seed(0)
+    w = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    h = torch.linspace(0.5, 1.0, 50, dtype=torch.float64)
+    opt = TLR([w], lr=0.05, momentum=0.9, **kw)
+    losses, lengths = [], []
+    for t in range(400):
+        curvature = h * (200.0 if t >= 250 else 1.0)
+        w.grad = curvature * w.detach() + 0.05 * torch.randn(50, dtype=torch.float64)
+        losses.append(float(0.5 * (curvature * w.detach() ** 2).sum()))
+        lengths.append(int(opt.param_groups[0]["window_state"][1]))
+        opt.step()
+    return losses, lengths
+
+
+def test_blowup_guard_rescues_a_run_that_blows_up_mid_window():
+    """Without the guard α stays put inside a long window while the iterates explode; with it
+    the window closes within one unit of 3 steps, α is cut, and the run settles again."""
+    losses, lengths = _sharpening_run()
+    assert lengths[250] >= 3  # the window had grown before the jump
+    assert lengths[252] == 1  # closed by the end of the unit the jump fell in (steps 249-251)
+    # the unit the jump fell in still moves with the old α (the loss grows ~1000-fold), then it settles
+    assert max(losses[250:]) < 1e4 * losses[250] and losses[-1] < 1e-2 * losses[250]
+    off, _ = _sharpening_run(blowup_ratio=None)
+    assert not max(off[250:]) < 1e10 * off[250]  # the control really blows up

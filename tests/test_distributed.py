@@ -46,7 +46,7 @@ def _alphas(opt, model):
     position = {id(p): i for i, p in enumerate(model.parameters())}
     out = {}
     for gi, g in enumerate(opt.param_groups):
-        out[("group", gi)] = float(g["lr"])
+        out[("group", gi)] = float(g["alpha"])
         for p in g["params"]:
             if "alpha" in opt.state.get(p, {}):
                 out[("tensor", position[id(p)])] = float(opt.state[p]["alpha"])
@@ -105,7 +105,7 @@ def _worker(rank, world, case, out_dir):
         _train(ddp, opt, _batches(), rank, world, drop_grads=case.get("drop_grads", {}).get(rank, ()))
         weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
         torch.save({"weights": [p.detach().clone() for p in weights],
-                    "group_alphas": [float(g["lr"]) for g in local.param_groups],
+                    "group_alphas": [float(g["alpha"]) for g in local.param_groups],
                     "group_sizes": [len(g["params"]) for g in local.param_groups],
                     "alphas": _alphas(local, model), "held": held},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -160,7 +160,7 @@ def test_two_ranks_match_one_process(name, tmp_path):
     # the single process's α for each group (scope "tensor": the α of the tensors it holds)
     assert all(r["held"] < len(list(model.parameters())) for r in ranks)  # really sharded
     for r in ranks:
-        assert r["group_alphas"] == pytest.approx([float(g["lr"]) for g in single.param_groups], rel=1e-6)
+        assert r["group_alphas"] == pytest.approx([float(g["alpha"]) for g in single.param_groups], rel=1e-6)
     if case["two_groups"]:
         assert sorted(r["group_sizes"][1] for r in ranks) == [0, 1]  # one rank held none of group 1
     if case["kw"].get("scope") == "tensor":

@@ -1,6 +1,8 @@
 """Edge cases from RELIABILITY.md that apply to the PyTorch path."""
 
 import itertools
+import math
+import re
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ def test_step_never_reads_device_values(cfg, dtype, forbid_host_reads):
             p.grad = g
         opt.step()
     with pytest.raises(AssertionError, match="read a device value"):
-        float(opt.param_groups[0]["lr"])  # the fixture really is active
+        float(opt.param_groups[0]["alpha"])  # the fixture really is active
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -132,7 +134,7 @@ def test_nonfinite_grads_keep_alpha_finite_and_match_reference(bad, scope):
         ref.step()
         for p, q in zip(params, ref_params):
             torch.testing.assert_close(p, q, equal_nan=True)
-        alphas = [opt.param_groups[0]["lr"]] if scope == "group" else [opt.state[p]["alpha"] for p in params if p in opt.state]
+        alphas = [opt.param_groups[0]["alpha"]] if scope == "group" else [opt.state[p]["alpha"] for p in params if p in opt.state]
         assert all(torch.isfinite(a) and a > 0 for a in alphas)
     assert not torch.isfinite(params[0]).all()  # the bad value propagates into the weights, as with SGD
 
@@ -165,17 +167,29 @@ def test_mixed_dtypes_in_one_group_match_reference():
                 torch.testing.assert_close(p.double(), q.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_group_lr_replaced_by_a_float_is_taken_up():
+def test_group_lr_set_by_hand_scales_the_trained_alpha():
+    """group["lr"] is the schedule channel: TLR never writes it, and the step size is α · lr / initial_lr."""
     params = make_params()
+    twins = twin(params)
     opt = TLR(params, lr=0.05, window=2)
-    set_grads([params], 0)
-    opt.step()
-    opt.param_groups[0]["lr"] = 0.5  # set by hand
-    set_grads([params], 1)
-    opt.step()
-    lr = opt.param_groups[0]["lr"]
-    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32 and lr.dim() == 0
-    assert float(lr) == pytest.approx(0.5 * float(lr) / 0.5)  # a tensor again, updated from 0.5
-    opt.param_groups[0]["lr"] = -1.0
-    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+    ref = ReferenceTLR(twins, lr=0.05, window=2)
+    for t in range(6):
+        if t == 3:
+            opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.5  # by hand: ten times the start
+        set_grads([params, twins], t)
         opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, twins, msg=f"step {t}")
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["initial_lr"] == 0.05
+    assert float(opt.param_groups[0]["alpha"]) != pytest.approx(0.05)  # α trained on
+    before = [p.detach().clone() for p in params]
+    for bad, error in ((-1.0, "Invalid learning rate of group 0: -1.0"), (math.nan, "Invalid learning rate of group 0: nan"),
+                       (None, "Invalid learning rate of group 0: None")):
+        opt.param_groups[0]["lr"] = bad
+        with pytest.raises((ValueError, TypeError), match=re.escape(error)):
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    opt.param_groups[0]["lr"] = 0.0  # a schedule may end at 0: nothing moves, α still trains
+    set_grads([params], 9)
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))

@@ -1,5 +1,6 @@
 """Bad input: a clear error naming the value, raised before anything is modified."""
 
+import copy
 import math
 import re
 
@@ -21,6 +22,11 @@ BAD = [
     (dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
     (dict(lr=torch.tensor(-1.0)), ValueError, "Invalid learning rate: -1.0"),
     (dict(lr="0.1"), TypeError, "Invalid learning rate: '0.1'"),
+    # α is trained by multiplying it: from 0 (or a value that is 0 in float32) it would never move
+    (dict(lr=0.0), ValueError, "Invalid learning rate: 0.0 (lr is the initial α"),
+    (dict(lr=1e-50), ValueError, "Invalid learning rate: 1e-50"),
+    (dict(lr=torch.tensor(0.0)), ValueError, "Invalid learning rate: 0.0"),
+    (dict(lr=None), TypeError, "Invalid learning rate: None"),
     (dict(momentum=-0.1), ValueError, "Invalid momentum value: -0.1"),
     (dict(momentum=1.0), ValueError, "Invalid momentum value: 1.0"),
     (dict(momentum=math.nan), ValueError, "Invalid momentum value: nan"),
@@ -64,7 +70,7 @@ def test_bad_hyperparameter(kwargs, error, message):
             ReferenceTLR(params(), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,message", BAD[:16], ids=[str(b[0]) for b in BAD[:16]])
+@pytest.mark.parametrize("kwargs,error,message", BAD[:20], ids=[str(b[0]) for b in BAD[:20]])
 def test_bad_group_override(kwargs, error, message):
     """A param group's own value is validated too, and a failed add_param_group adds nothing."""
     opt = TLR(params())
@@ -145,3 +151,32 @@ def test_baselines_validate():
         HypergradientSGD(params(), lr=-1.0)
     with pytest.raises(RuntimeError, match="needs a closure"):
         NaiveTLR(params()).step()
+
+
+def test_alpha_set_out_of_range_by_hand_fails_at_step_before_any_change():
+    """A negative α would be gradient ascent, 0 would stop training for good (read on the CPU, where it is free)."""
+    a = params()
+    opt = TLR(a, lr=0.1)
+    a[0].grad = torch.ones(3)
+    before = a[0].detach().clone()
+    for bad in (-0.1, 0.0):
+        opt.param_groups[0]["alpha"].fill_(bad)
+        with pytest.raises(ValueError, match=re.escape(f"Invalid α in group 0: {bad}")):
+            opt.step()
+        assert torch.equal(a[0], before)
+
+
+def test_state_dict_of_another_optimizer_is_refused_before_any_change():
+    a = params()
+    adam = torch.optim.Adam(a, lr=1e-3)
+    a[0].grad = torch.ones(3)
+    adam.step()
+    opt = TLR(a, lr=0.1, momentum=0.9)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="not a TLR \\(or SGD\\) state_dict: param group 0 has no 'momentum'"):
+        opt.load_state_dict(adam.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"][0]["step"] == before["param_groups"][0]["step"]
+    assert all(torch.equal(after["state"][0][k], v) for k, v in before["state"][0].items())
+    opt.step()  # still usable

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 import gpu_compile as G  # noqa: E402
 
 TRITON_36 = Path(__file__).resolve().parents[1] / ".venv" / "triton-3.6.0"
-KERNELS = {"tlr_step_kernel", "tlr_alpha_kernel", "tlr_move_kernel"}
+KERNELS = {"tlr_step_kernel", "tlr_window_kernel", "tlr_alpha_kernel", "tlr_move_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_recording_covers_the_space(recorded):
     for name in ("n_tensors", "n_blocks", "window", "units"):
         values = {args[name] for args in step}
         assert 1 in values and any(v % 16 == 0 for v in values), (name, sorted(values))
-    assert {args["write_flag"] for args in step} == {0, 1}  # mixed-dtype groups: buckets after the first
+    assert len({args["part_offset"] for args in step}) > 2  # mixed-dtype groups: buckets after the first
     assert {args["PARAM_DTYPE"]["tl"] for args in step} == {"fp32", "fp64", "fp16", "bf16"}
     assert {(args["HAS_SCALE"], args["HAS_INF"]) for args in step} == {(False, False), (False, True), (True, True)}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import make_params, set_grads, twin
+from helpers import assert_matches_reference, make_params, set_grads, twin
 from tlr_triton import TLR
 from tlr_triton.alpha_tools import AlphaHistory, AlphaRestart, alphas
 from tlr_triton.reference import ReferenceTLR
@@ -22,48 +22,78 @@ def run(opts_and_params, steps, start=0, each=None):
 
 
 # ----------------------------------------------------------------------------- schedulers
-def test_chainable_scheduler_scales_the_trained_alpha():
-    """StepLR multiplies the live α by γ at its boundaries; TLR then adapts from there."""
+SCHEDULERS = {
+    "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5),
+    "ExponentialLR": lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.9),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 1.0 / (1 + epoch)),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=12),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=5),
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=14),
+    "warmup then cosine (SequentialLR)": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, start_factor=0.01, total_iters=4),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=8)], milestones=[4]),
+}
+
+
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_a_scheduler_multiplies_the_trained_alpha(name, scope):
+    """Any torch scheduler (chainable or closed-form) writes group["lr"]; the step size is then
+    α · lr / initial_lr while α keeps training: as the reference, with the same scheduler on it."""
+    params = make_params()
+    ref_params = twin(params)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, scope=scope)
+    ref = ReferenceTLR(ref_params, lr=0.05, momentum=0.9, window=2, scope=scope)
+    scheds = [SCHEDULERS[name](o) for o in (opt, ref)]
+    lrs, alphas_seen = [], []
+    for t in range(12):
+        set_grads([params, ref_params], t)
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, ref_params, msg=f"{name} step {t}")
+        for sched in scheds:
+            sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        alphas_seen.append(float(alphas(opt)[0]))
+    assert all(isinstance(lr, float) for lr in lrs)  # what loggers read is a number
+    assert len(set(lrs)) > 3  # the schedule moved ...
+    assert len(set(alphas_seen)) > 3 and alphas_seen[-1] != pytest.approx(0.05)  # ... and α kept training
+
+
+def test_manual_lr_drop_scales_alpha_like_a_scheduler():
+    """The idiom `for g in opt.param_groups: g["lr"] *= 0.1` divides the step size by ten, α unchanged."""
     params = make_params()
     manual_params = twin(params)
     opt = TLR(params, lr=0.05, momentum=0.9, window=2)
     manual = TLR(manual_params, lr=0.05, momentum=0.9, window=2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.1)
 
     def each(t):
         sched.step()
         if (t + 1) % 4 == 0:
-            manual.param_groups[0]["lr"].mul_(0.5)
+            for g in manual.param_groups:
+                g["lr"] *= 0.1
 
     run([(opt, params), (manual, manual_params)], 12, each=each)
-    assert torch.equal(opt.param_groups[0]["lr"], manual.param_groups[0]["lr"])
-    assert all(torch.equal(p, q) for p, q in zip(params, manual_params))
-    assert opt.param_groups[0]["lr"] is not opt.param_groups[0]["initial_lr"]  # α is still updated in place
+    assert opt.param_groups[0]["lr"] == pytest.approx(manual.param_groups[0]["lr"])
+    assert torch.equal(opt.param_groups[0]["alpha"], manual.param_groups[0]["alpha"])
+    assert all(torch.allclose(p, q, rtol=1e-12, atol=1e-12) for p, q in zip(params, manual_params))
 
 
-def test_closed_form_scheduler_overwrites_alpha():
-    """LambdaLR sets α = initial α · λ(epoch) at every scheduler step: TLR's adaptation is replaced."""
+def test_tensor_lr_is_a_schedule_channel_on_the_device():
+    """A tensor lr (for torch.compile or CUDA graphs): schedulers fill_ it; on a GPU TLR never reads it."""
     params = make_params()
-    opt = TLR(params, lr=0.05, momentum=0.9, window=1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 / (1 + epoch))
-    for t in range(5):
-        set_grads([params], t)
+    ref_params = twin(params)
+    opt = TLR(params, lr=torch.tensor(0.05), momentum=0.9, window=2)
+    ref = ReferenceTLR(ref_params, lr=0.05, momentum=0.9, window=2)
+    for t in range(6):
+        set_grads([params, ref_params], t)
         opt.step()
-        if t > 0:  # (the first window has no previous one: α stays)
-            assert float(opt.param_groups[0]["lr"]) != pytest.approx(0.05 / (1 + t))  # TLR moved α ...
-        sched.step()
-        assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.05 / (2 + t))  # ... and the scheduler reset it
-
-
-def test_scheduler_with_scope_tensor_changes_only_the_start_value():
-    params = make_params()
-    opt = TLR(params, lr=0.05, momentum=0.9, window=1, scope="tensor")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
-    run([(opt, params)], 3)
-    before = {p: opt.state[p]["alpha"].clone() for p in params if p in opt.state}
-    sched.step()
-    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.005)
-    assert all(torch.equal(opt.state[p]["alpha"], a) for p, a in before.items())
+        ref.step()
+        assert_matches_reference(opt, ref, params, ref_params, msg=f"step {t}")
+        opt.param_groups[0]["lr"].mul_(0.8)
+        ref.param_groups[0]["lr"] *= 0.8
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
 
 
 # ----------------------------------------------------------------------------- α restart
@@ -89,7 +119,7 @@ def test_alpha_restart_value_and_validation():
     opt = TLR(params, lr=0.05)
     restart = AlphaRestart(opt, threshold=0.1, value=0.3)
     restart.step()
-    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.3) and int(restart.restarts) == 1
+    assert float(opt.param_groups[0]["alpha"]) == pytest.approx(0.3) and int(restart.restarts) == 1
     for bad in (dict(threshold=0.0), dict(threshold=float("nan")), dict(threshold=1e-3, value=-1.0)):
         with pytest.raises(ValueError, match="Invalid"):
             AlphaRestart(opt, **bad)
@@ -175,7 +205,7 @@ def test_grad_scaler_with_cpu_autocast_skips_the_inf_step_and_matches_a_run_with
     (sd0, w0), (sd1, w1) = snaps["before"], snaps["after"]
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))  # the inf step changed no weight ...
     assert sd0["param_groups"][0]["step"] == sd1["param_groups"][0]["step"]  # ... no counter ...
-    assert torch.equal(sd0["param_groups"][0]["lr"], sd1["param_groups"][0]["lr"])  # ... no α ...
+    assert torch.equal(sd0["param_groups"][0]["alpha"], sd1["param_groups"][0]["alpha"])  # ... no α ...
     for k in sd0["state"]:
         for key in sd0["state"][k]:
             assert torch.equal(sd0["state"][k][key], sd1["state"][k][key])  # ... no state
@@ -184,7 +214,7 @@ def test_grad_scaler_with_cpu_autocast_skips_the_inf_step_and_matches_a_run_with
     clean, clean_opt, _ = _amp_run(skip_inf_at=4)
     for p, q in zip(model.parameters(), clean.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(opt.param_groups[0]["lr"], clean_opt.param_groups[0]["lr"])
+    torch.testing.assert_close(opt.param_groups[0]["alpha"], clean_opt.param_groups[0]["alpha"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -232,7 +262,7 @@ def test_compiled_step_does_not_recompile_at_closing_steps(cfg):
     assert graphs[-1] <= 6, graphs
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.double(), q.double(), rtol=1e-5, atol=1e-5)
-    assert float(opt.param_groups[0]["lr"]) == pytest.approx(ref.param_groups[0]["lr"], rel=1e-5)
+    assert float(opt.param_groups[0]["alpha"]) == pytest.approx(ref.param_groups[0]["alpha"], rel=1e-5)
 
 
 def test_built_and_stepped_inside_a_compiled_function():

@@ -50,17 +50,18 @@ def test_param_groups_with_different_settings(dtype):
         dict(lr=0.1, momentum=0.9, nesterov=True, window=2, scope="tensor"),
         dict(lr=0.01, weight_decay=1e-2, statistic="direction", momentum=0.5, dampening=0.2, window=3),
         dict(lr=1e-3, bound=1.0, maximize=True, window=1),
-        dict(lr=0.0),  # α = 0 stays 0: these parameters never move
+        dict(lr=2e-3, window=4, max_window=12),
     ]
-    opt, ref, params, _ = lockstep(groups, steps=10, dtype=dtype, rtol=rtol, atol=atol, momentum=0.3)
-    assert float(opt.param_groups[3]["lr"]) == 0.0
+    lockstep(groups, steps=10, dtype=dtype, rtol=rtol, atol=atol, momentum=0.3)
 
 
-def test_group_with_zero_lr_leaves_its_params_unchanged():
+def test_group_whose_lr_is_set_to_zero_leaves_its_params_unchanged():
+    """A schedule that reaches 0 (or lr set to 0 by hand) stops the weights; α itself cannot start at 0."""
     moving, frozen = make_params(), make_params()
     before = [p.detach().clone() for p in frozen]
     moving_before = [p.detach().clone() for p in moving]
-    opt = TLR([{"params": moving}, {"params": frozen, "lr": 0.0}], lr=0.1, momentum=0.9, weight_decay=1e-2, window=1)
+    opt = TLR([{"params": moving}, {"params": frozen, "lr": 0.2}], lr=0.1, momentum=0.9, weight_decay=1e-2, window=1)
+    opt.param_groups[1]["lr"] = 0.0
     for t in range(6):
         set_grads([moving + frozen], t)
         opt.step()
@@ -80,7 +81,7 @@ def test_grads_missing_on_some_steps_and_frozen_then_unfrozen():
 def test_long_run_alpha_trajectory():
     """60 steps, window 5: α moves through many windows and still matches."""
     opt, ref, _, _ = lockstep([{}], steps=60, lr=0.02, momentum=0.8, weight_decay=5e-4, window=5)
-    assert float(opt.param_groups[0]["lr"]) != pytest.approx(0.02)
+    assert float(opt.param_groups[0]["alpha"]) != pytest.approx(0.02)
 
 
 ADAPTIVE = list(itertools.product(["group", "tensor"], ["gradient", "direction"], ["plain", "momentum", "nesterov"]))
@@ -107,3 +108,51 @@ def test_default_window_is_adaptive_and_matches_reference():
     opt, ref, _, _ = lockstep([{}], steps=90, lr=0.02, momentum=0.8, weight_decay=5e-4)
     assert opt.param_groups[0]["window"] == "auto"
     assert ref.param_groups[0]["units"] > 1  # the window grew at least once
+
+
+def _blowup_run(**cfg):
+    """Noise until the window has grown, then gradients 30 times larger inside it (a blow-up's signature)."""
+    log = []
+
+    def record(opt, ref):
+        g = opt.param_groups[0]
+        log.append((int(g["step"]), [int(x) for x in g["window_state"]], float(g["alpha"])))
+
+    lockstep([{}], steps=60, lr=0.05, window=2, max_window=16, window_reset=0.1, scale_at=lambda t: 30.0 if t >= 41 else 1.0,
+             after_step=record, **cfg)
+    return log
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(scope="tensor", statistic="direction", momentum=0.5),
+                                 dict(momentum=0.9, nesterov=True, weight_decay=1e-2)])
+def test_blowup_guard_closes_the_window_within_one_unit_and_cuts_alpha(host_reads, cfg, monkeypatch):
+    """The step after the jump's first unit ends, the window is closed (k = 1) and α is at most
+    1/(1 + √16) = 0.2 of itself; the reference agrees at every step, on the CPU's host-decided path
+    and on the GPU's device-masked one."""
+    from tlr_triton import functional
+
+    if not host_reads:
+        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
+    log = _blowup_run(**cfg)
+    before = [entry for entry in log if entry[0] <= 41]
+    assert max(k for _, (_, k), _ in before) >= 3  # the window had grown ...
+    step, (done, k), alpha = next(entry for entry in log if entry[0] == 42)  # ... the unit ending at step 42 (t = 41)
+    assert (done, k) == (0, 1)  # closed early, short again
+    if cfg.get("scope", "group") == "group":
+        assert alpha <= 0.2 * before[-1][2]
+
+
+def test_blowup_guard_reads_nothing_on_the_host(forbid_host_reads):
+    params = make_params()
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, max_window=16, window_reset=0.1)
+    forbid_host_reads()
+    for t in range(60):
+        set_grads([params], t, scale=30.0 if t >= 41 else 1.0)
+        opt.step()
+
+
+def test_blowup_guard_off_keeps_the_window_open():
+    log = _blowup_run(blowup_ratio=None, momentum=0.9)
+    _, k = log[41][1]  # after the same unit: the window is as long as the noise made it
+    assert k >= 3

@@ -60,7 +60,7 @@ def test_resume_mid_window_is_bit_identical(cfg, dtype):
     assert saved.keys() == saved_copy.keys()
     for g, g0 in zip(saved["param_groups"], saved_copy["param_groups"]):
         assert g.keys() == g0.keys()
-        assert resumed.param_groups[0]["lr"] is not g["lr"]
+        assert resumed.param_groups[0]["alpha"] is not g["alpha"]
     for k in saved["state"]:
         for key in saved["state"][k]:
             assert torch.equal(saved["state"][k][key], saved_copy["state"][k][key])
@@ -82,7 +82,7 @@ def test_state_dtypes_are_fp32_for_half_params_and_survive_loading():
         for st in o.state.values():
             for key in ("momentum_buffer", "window_sum", "prev_window_sum", "alpha"):
                 assert st[key].dtype == torch.float32, key
-        assert o.param_groups[0]["lr"].dtype == torch.float32 and o.param_groups[0]["lr"].dim() == 0
+        assert o.param_groups[0]["alpha"].dtype == torch.float32 and o.param_groups[0]["alpha"].dim() == 0
     assert_same_state(opt, clone)
 
 
@@ -114,26 +114,26 @@ def test_lr_tensor_is_copied_and_behaves_like_a_float():
         opt_f.step()
     assert lr.item() == 0.05  # the caller's tensor is never updated in place
     assert all(torch.equal(p, q) for p, q in zip(a, b))
-    assert torch.equal(opt_t.param_groups[0]["lr"], opt_f.param_groups[0]["lr"])
+    assert torch.equal(opt_t.param_groups[0]["alpha"], opt_f.param_groups[0]["alpha"])
 
 
 def test_alpha_lives_in_group_lr_or_state():
     params = make_params()
     opt = TLR([{"params": params[:4]}, {"params": params[4:], "scope": "tensor"}], lr=0.1, window=1)
-    handle = opt.param_groups[0]["lr"]
+    handle = opt.param_groups[0]["alpha"]
     for t in range(4):
         torch.manual_seed(t)
         g = torch.randn(())
         for p in params:
             p.grad = torch.full_like(p, float(g))
         opt.step()
-    assert opt.param_groups[0]["lr"] is handle  # updated in place: loggers holding it see the live α
+    assert opt.param_groups[0]["alpha"] is handle  # updated in place: loggers holding it see the live α
     assert handle.dtype == torch.float32 and handle.dim() == 0
     assert float(handle) != pytest.approx(0.1)
     for p in params[4:]:
         if p.numel():
             assert opt.state[p]["alpha"].dim() == 0 and float(opt.state[p]["alpha"]) != pytest.approx(0.1)
-    assert float(opt.param_groups[1]["lr"]) == pytest.approx(0.1)  # scope "tensor": the starting α
+    assert float(opt.param_groups[1]["alpha"]) == pytest.approx(0.1)  # scope "tensor": the starting α
 
 
 def test_deepcopy_and_repr():
@@ -227,8 +227,8 @@ def test_add_param_group_later_gets_its_own_alpha():
     a, b = make_params(), make_params()
     opt = TLR(a, lr=0.1)
     opt.add_param_group({"params": b, "lr": 0.2, "window": 2})
-    assert opt.param_groups[1]["lr"] is not opt.param_groups[0]["lr"]
-    assert float(opt.param_groups[1]["lr"]) == pytest.approx(0.2) and opt.param_groups[1]["step"] == 0
+    assert opt.param_groups[1]["alpha"] is not opt.param_groups[0]["alpha"]
+    assert float(opt.param_groups[1]["alpha"]) == pytest.approx(0.2) and opt.param_groups[1]["step"] == 0
 
 
 def test_alpha_is_float32_whatever_the_default_dtype():
@@ -238,7 +238,7 @@ def test_alpha_is_float32_whatever_the_default_dtype():
         params = [torch.randn(3, requires_grad=True)]
         opt = TLR(params, lr=0.1, scope="tensor")
         run(opt, params, 2)
-        assert opt.param_groups[0]["lr"].dtype == torch.float32
+        assert opt.param_groups[0]["alpha"].dtype == torch.float32
         assert opt.state[params[0]]["alpha"].dtype == torch.float32
     finally:
         torch.set_default_dtype(old)

@@ -62,7 +62,7 @@ def test_half_precision_matches_reference(dtype, cfg):
 
 
 def test_param_groups_and_mixed_dtypes():
-    groups = [dict(lr=0.1, momentum=0.9, window=2, scope="tensor"), dict(lr=0.01, statistic="direction", momentum=0.5, window=3), dict(lr=0.0)]
+    groups = [dict(lr=0.1, momentum=0.9, window=2, scope="tensor"), dict(lr=0.01, statistic="direction", momentum=0.5, window=3), dict(lr=2e-3, window=2, max_window=6)]
     lockstep(groups, steps=8, dtype=torch.float32, **FP32, backend="triton")
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32]
     params = [torch.randn(s, dtype=d, requires_grad=True) for s, d in zip([(3, 4), (5,), (2, 2), ()], dtypes)]
@@ -134,7 +134,7 @@ def run_twice(cfg):
 def test_deterministic():
     (p1, o1), (p2, o2) = run_twice(dict(window=2, momentum=0.9, scope="tensor"))
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
-    assert torch.equal(o1.param_groups[0]["lr"], o2.param_groups[0]["lr"])
+    assert torch.equal(o1.param_groups[0]["alpha"], o2.param_groups[0]["alpha"])
     for a, b in zip(p1, p2):
         if a in o1.state:
             assert torch.equal(o1.state[a]["alpha"], o2.state[b]["alpha"])
@@ -159,7 +159,7 @@ def test_found_inf_leaves_everything_untouched(window):
     assert all(torch.equal(p, w) for p, w in zip(params, weights))
     after = opt.state_dict()
     assert int(after["param_groups"][0]["step"]) == int(snapshot["param_groups"][0]["step"]) == 3
-    assert torch.equal(after["param_groups"][0]["lr"], snapshot["param_groups"][0]["lr"])
+    assert torch.equal(after["param_groups"][0]["alpha"], snapshot["param_groups"][0]["alpha"])
     assert torch.equal(after["param_groups"][0]["window_state"], snapshot["param_groups"][0]["window_state"])
     for k, st in snapshot["state"].items():
         for key, value in st.items():
@@ -232,7 +232,7 @@ def test_address_table_rebuilt_after_load_state_dict_and_resume_is_exact():
             o.step()
     assert launch.tables.builds > builds  # the resumed optimizer's tensors have new addresses
     assert all(torch.equal(p, q) for p, q in zip(params, resumed_params))
-    assert torch.equal(opt.param_groups[0]["lr"], resumed.param_groups[0]["lr"])
+    assert torch.equal(opt.param_groups[0]["alpha"], resumed.param_groups[0]["alpha"])
 
 
 def test_tables_are_reused_while_addresses_stay():
@@ -314,8 +314,8 @@ def test_custom_op_passes_opcheck():
     grads = [torch.randn_like(p) for p in live]
     state = [[torch.zeros_like(p) for p in live] for _ in range(3)]
     args = (live, grads, state[0], [True] * len(live), state[1], state[2], [torch.tensor(0.05)],
-            torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 0.9, 0.0, 0.0, False, False, 0.25,
-            "gradient", "group", None, None)
+            torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 16.0, torch.zeros(2, dtype=torch.float64),
+            0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", 1.0, None, None, None)
     result = torch.library.opcheck(triton_step_op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 
@@ -394,5 +394,20 @@ def test_a_deepcopy_steps_and_continues_bit_identically():
         opt.step()
         dup.step()
     assert all(torch.equal(p, q) for p, q in zip(params, dup_params))
-    assert torch.equal(opt.param_groups[0]["lr"], dup.param_groups[0]["lr"])
+    assert torch.equal(opt.param_groups[0]["alpha"], dup.param_groups[0]["alpha"])
     assert torch.equal(opt.param_groups[0]["window_state"], dup.param_groups[0]["window_state"])
+
+
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(scope="tensor", statistic="direction"),
+                                 dict(momentum=0.9, nesterov=True, weight_decay=1e-2, dtype=torch.bfloat16)])
+def test_blowup_guard_matches_reference(cfg):
+    """Gradients 30 times larger inside a grown window: the window kernel closes it at the end of
+    that unit (after the move), α is capped, P ← A in the move kernel; as the reference."""
+    cfg = dict(cfg)
+    dtype = cfg.pop("dtype", torch.float32)
+    tol = FP32 if dtype == torch.float32 else HALF[dtype]
+    lengths = []
+    lockstep([{}], steps=40, dtype=dtype, **tol, lr=0.05, backend="triton", window=2, max_window=16, window_reset=0.1,
+             scale_at=lambda t: 30.0 if t >= 27 else 1.0,
+             after_step=lambda opt, ref: lengths.append(int(opt.param_groups[0]["window_state"][1])), **cfg)
+    assert max(lengths[:27]) >= 3 and lengths[27] == 1, lengths

@@ -17,16 +17,16 @@ __all__ = ["alphas", "AlphaHistory", "AlphaRestart"]
 def alphas(optimizer) -> list[Tensor]:
     """Every live α of ``optimizer``, as 0-dim device tensors (no copy, no host read).
 
-    One per group with scope "group" (``group["lr"]``); one per parameter with scope
-    "tensor" (``state[p]["alpha"]``, or ``group["lr"]``, the start value, before the
+    One per group with scope "group" (``group["alpha"]``); one per parameter with scope
+    "tensor" (``state[p]["alpha"]``, or ``group["alpha"]``, the start value, before the
     parameter's first step).
     """
     out = []
     for group in optimizer.param_groups:
         if group.get("scope", "group") == "group":
-            out.append(group["lr"])
+            out.append(group["alpha"])
         else:
-            out += [optimizer.state.get(p, {}).get("alpha", group["lr"]) for p in group["params"]]
+            out += [optimizer.state.get(p, {}).get("alpha", group["alpha"]) for p in group["params"]]
     return out
 
 
@@ -83,8 +83,7 @@ class AlphaRestart:
 
     Call ``step()`` where you would call a scheduler's (every epoch, or every N
     steps): each α below ``threshold`` becomes ``value`` (default: the α the group
-    started from, ``group["initial_lr"]`` if a scheduler set one, else the value at
-    construction). Done on the device with ``torch.where``: no host read. The
+    started from, ``group["initial_lr"]``). Done on the device with ``torch.where``: no host read. The
     optimizer's TLR state (window sums, momentum) is kept; only α changes.
     """
 
@@ -93,7 +92,6 @@ class AlphaRestart:
             if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0):
                 raise ValueError(f"Invalid {name}: {x!r} (expected a finite number > 0)")
         self.optimizer, self.threshold, self.value = optimizer, float(threshold), value
-        # the start value of each α, captured now (group["lr"] is updated in place later)
         self._start = [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
         self.restarts = torch.zeros((), dtype=torch.int64)  # how many α's were restarted (on the device)
 
@@ -101,7 +99,7 @@ class AlphaRestart:
         for group, start in zip(self.optimizer.param_groups, self._start):
             value = self.value if self.value is not None else start
             if group.get("scope", "group") == "group":
-                targets = [group["lr"]]
+                targets = [group["alpha"]]
             else:
                 targets = [self.optimizer.state[p]["alpha"] for p in group["params"] if "alpha" in self.optimizer.state.get(p, {})]
             for a in targets:

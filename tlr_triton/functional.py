@@ -17,10 +17,13 @@ factor stay tensors, so a step never synchronises with the device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "advance_step"]
+__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "snapshots_allowed", "advance_step",
+           "host_reads_free"]
 
 # α is stored in float32; a product that leaves the normal float32 range is refused
 # (α keeps its old value), so α is never 0, subnormal, inf or NaN.
@@ -33,22 +36,42 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs no synchronisation: CPU tensors.
+
+    Only there does the PyTorch path read device values (window decisions, checks); on a
+    GPU it never does. The tests patch this to ``False`` to run the GPU's sync-free code
+    on the CPU with every host read forbidden (``forbid_host_reads`` in tests/conftest.py).
+    """
+    return device.type == "cpu" and not torch.compiler.is_compiling()  # a read would break a traced graph
+
+
 def advance_step(step: Tensor, found_inf: Tensor | None) -> None:
     """Advance a device step counter by one, or not at all when AMP found an inf (no host read)."""
     step.add_(1 if found_inf is None else (found_inf == 0).to(step.dtype))
 
 
-def window_representation(backend: str, dtype: torch.dtype, statistic: str, momentum: float) -> str:
+def window_representation(backend: str, dtype: torch.dtype, statistic: str, momentum: float,
+                          snapshots: bool = True) -> str:
     """State key that holds a tensor's window statistic on a backend.
 
     "window_sum" is A itself. "window_start" is the weights S at the window's start, from
     which A = (S - w)/α: the Triton path uses it for fp32/fp64 weights when A is the sum
     of the directions taken (statistic "direction", or momentum 0, where u = d), so an
-    ordinary step touches no more memory than SGD's.
+    ordinary step touches no more memory than SGD's. ``snapshots=False`` where a snapshot
+    cannot stand for A: a learning-rate schedule changes the step size within a window,
+    or the blow-up guard may close a window after α has changed.
     """
-    if backend == "triton" and dtype in (torch.float32, torch.float64) and (statistic == "direction" or momentum == 0):
+    if (backend == "triton" and snapshots and dtype in (torch.float32, torch.float64)
+            and (statistic == "direction" or momentum == 0)):
         return "window_start"
     return "window_sum"
+
+
+def snapshots_allowed(lr_factor: float | Tensor, units: int, blowup_ratio: float | None) -> bool:
+    """Whether a window snapshot can stand for A: a constant step size within a window (no
+    learning-rate schedule) and no early closes (no blow-up guard on an adaptive window)."""
+    return not isinstance(lr_factor, Tensor) and lr_factor == 1.0 and (units == 1 or blowup_ratio is None)
 
 
 def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
@@ -63,10 +86,14 @@ def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
     return 1.0 + r
 
 
-def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float, closes: Tensor | None = None) -> None:
-    """α_s ← α_s·(1 + r_s) in place, for the scopes whose statistics are dots[s], sqs[s] (where ``closes``)."""
+def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float, closes: Tensor | None = None,
+                   cut: Tensor | None = None) -> None:
+    """α_s ← α_s·min(1 + r_s, cut) in place, for the scopes whose statistics are dots[s], sqs[s] (where ``closes``)."""
     old = torch.stack(alphas).to(dots.dtype)
-    new = old * newton_factor(dots, sqs, bound)
+    factor = newton_factor(dots, sqs, bound)
+    if cut is not None:
+        factor = torch.minimum(factor, cut.to(factor.dtype))
+    new = old * factor
     ok = torch.isfinite(new) & (new >= _ALPHA_TINY) & (new <= _ALPHA_MAX)
     if closes is not None:
         ok &= closes
@@ -156,6 +183,8 @@ def tlr(
     max_window: int | None = None,
     window_reset: float = 0.05,
     window_state: Tensor | None = None,
+    blowup_ratio: float | None = None,
+    window_energy: Tensor | None = None,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -164,6 +193,7 @@ def tlr(
     bound: float,
     statistic: str,
     scope: str,
+    lr_factor: float | Tensor = 1.0,
     backend: str = "torch",
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -191,6 +221,15 @@ def tlr(
             on the parameters' device, updated in place: after a closing k becomes 1 if
             |r| of the group's total ⟨A, P⟩, ‖A‖² is >= ``window_reset``, else
             min(k + 1, K). Needed when K > 1 (the PyTorch path ignores it when K = 1).
+        blowup_ratio, window_energy: the adaptive window's blow-up guard (K > 1 only; None:
+            off). ``window_energy`` is a float64 [2] tensor, ‖A‖² per unit of the last two
+            closed windows, updated in place. At every unit's end, if ‖A‖² per unit of the
+            window so far exceeds ``blowup_ratio`` times the larger of the two, the window
+            closes after this step's move (a scheduled closing comes first, as always), k
+            becomes 1 and every α's factor is at most 1/(1 + √q), q that ratio.
+        lr_factor: a learning-rate schedule's factor (``lr / initial_lr``, a float or a
+            0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
+            without it.
         backend: "torch" or "triton". On the Triton path ``window_sums`` holds, for the
             tensors where ``window_representation`` says "window_start", the weights at
             the window's start instead of A.
@@ -213,11 +252,17 @@ def tlr(
     units = 1 if max_window is None else max(1, max_window // window)
     if units > 1 and window_state is None:
         raise ValueError(f"an adaptive window (max_window={max_window} > window={window}) needs window_state")
+    if units > 1 and blowup_ratio is not None and window_energy is None:
+        raise ValueError("the blow-up guard (blowup_ratio) needs window_energy")
     if backend == "triton":
         from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
 
         if window_state is None:  # fixed windows keep no window state between steps
             window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
+        if window_energy is None:
+            window_energy = torch.zeros(2, dtype=torch.float64, device=step.device)
+        if units == 1:  # the guard watches adaptive windows only
+            blowup_ratio = None
         if not params:  # the step counter still advances
             advance_step(step, found_inf)
             return
@@ -227,16 +272,19 @@ def tlr(
                 for i, b in enumerate(momentum_buffers):
                     if b is None:
                         momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
+            factor_tensor = lr_factor if isinstance(lr_factor, Tensor) else None
             return triton_step_op(
                 params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
-                alphas, step, window, units, window_reset, window_state, momentum, dampening, weight_decay, nesterov,
-                maximize, bound, statistic, scope, grad_scale, found_inf,
+                alphas, step, window, units, window_reset, window_state, blowup_ratio, window_energy, momentum,
+                dampening, weight_decay, nesterov, maximize, bound, statistic, scope,
+                1.0 if factor_tensor is not None else float(lr_factor), factor_tensor, grad_scale, found_inf,
             )
         return tlr_triton_step(
             params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
             step=step, window=window, units=units, window_reset=window_reset, window_state=window_state,
+            blowup_ratio=blowup_ratio, window_energy=window_energy,
             momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
+            nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope, lr_factor=lr_factor,
             buckets=_buckets(params),
             grad_scale=grad_scale, found_inf=found_inf,
         )
@@ -248,7 +296,7 @@ def tlr(
         raise RuntimeError("grad_scale/found_inf are honoured by the Triton path only")
     if not params and shard_group is None:
         return
-    # Fixed windows: this step closes one. Adaptive: it ends a unit, and the device decides.
+    # Fixed windows: this step closes one. Adaptive: it ends a unit, and the window's state decides.
     closes_window = (step + 1) % window == 0
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     sign = -1.0 if maximize else 1.0
@@ -281,7 +329,7 @@ def tlr(
                 torch._foreach_add_(b_sums, b_grads, alpha=sign)
                 if weight_decay != 0:
                     torch._foreach_add_(b_sums, b_params, alpha=weight_decay)
-            movers.append(_fused_mover(b_params, b_grads, b_bufs, momentum_buffers, idx, b_alphas[0], kw))
+            movers.append(_fused_mover(b_params, b_grads, b_bufs, momentum_buffers, idx, b_alphas[0], lr_factor, kw))
             if sums_new_buffer:  # A += d = the updated buffer
                 movers.append(lambda sums=b_sums, bufs=b_bufs: torch._foreach_add_(sums, bufs))
             continue
@@ -290,17 +338,19 @@ def tlr(
         for j, i in enumerate(idx):
             momentum_buffers[i] = b_bufs[j]
         torch._foreach_add_(b_sums, u if statistic == "gradient" else d)
-        movers.append(_foreach_mover(b_params, work_params, d, b_alphas, half))
+        movers.append(_foreach_mover(b_params, work_params, d, b_alphas, lr_factor, half))
 
+    before, after = [], []  # window work that must come before the move (α) and after it
     if closes_window:
         statistics = _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state,
                                         sharded_tensors)
         if units > 1:
-            _close_window_on_device(statistics, window_sums, prev_window_sums, bound, window_state, units, window_reset)
+            before, after = _adaptive_unit_end(statistics, window_sums, prev_window_sums, bound, window_state, units,
+                                               window_reset, blowup_ratio, window_energy)
         else:
             _close_window(statistics, window_sums, prev_window_sums, bound)
-    for move in movers:
-        move()
+    for work in before + movers + after:
+        work()
 
 
 def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None,
@@ -350,27 +400,68 @@ def _close_window(statistics, window_sums, prev_window_sums, bound) -> None:
     window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
 
 
-def _close_window_on_device(statistics, window_sums, prev_window_sums, bound, window_state, units, window_reset) -> None:
-    """The end of a unit of an adaptive window: the device decides whether the window closes.
+def _adaptive_unit_end(statistics, window_sums, prev_window_sums, bound, window_state, units, window_reset,
+                       blowup_ratio, window_energy):
+    """The end of a unit of an adaptive window: (work before the move, work after it).
 
-    The statistics are computed at every unit's end (as a fixed window of W0 would), and
-    α, P, A and the window state change only where the window closes: masked updates
-    instead of a host branch, so no step reads a device value.
+    The window closes when its units reach k (scheduled: α is updated before this step's
+    move, Algorithm 2's order) or when the blow-up guard trips (after the move: an early
+    close takes effect from the next step). On the CPU the decision is read on the host
+    (free) and only the closing's work is done; elsewhere every update is masked on the
+    device, so no step reads a device value.
     """
     scopes, dot, sq = statistics
     done, k = window_state[0] + 1, window_state[1].clamp(max=units)
-    closes = done >= k
-    for a, dots, sqs in scopes:
-        _update_alphas(a, dots, sqs, bound, closes)
+    scheduled = done >= k
+    energy = sq.to(torch.float64) / done
+    if blowup_ratio is not None:
+        reference = window_energy.max()
+        jump = (reference > 0) & (energy > blowup_ratio * reference)
+        cut = torch.where(jump, 1.0 / (1.0 + (energy / reference.clamp_min(_ALPHA_TINY)).sqrt()), math.inf)
+    else:
+        jump, cut = torch.zeros_like(scheduled), None
     large = (newton_factor(dot, sq, bound) - 1.0).abs() >= window_reset
-    next_k = torch.where(large, torch.ones_like(k), (k + 1).clamp(max=units))
-    window_state.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, k])))
-    for a, p in zip(window_sums, prev_window_sums):
-        torch.where(closes, a, p, out=p)  # P ← A
-        a.masked_fill_(closes, 0.0)        # A ← 0
+    next_k = torch.where(large | jump, torch.ones_like(k), (k + 1).clamp(max=units))
+    closed_state = torch.stack([torch.zeros_like(k), next_k])
+    closed_energy = torch.stack([energy, window_energy[0]]) if window_energy is not None else None
+
+    if host_reads_free(window_state.device):
+        closes_now, closes_later = bool(scheduled), bool(jump) and not bool(scheduled)
+        if not (closes_now or closes_later):
+            window_state[0] = done
+            return [], []
+
+        def close():
+            for a, dots, sqs in scopes:
+                _update_alphas(a, dots, sqs, bound, cut=cut)
+            window_state.copy_(closed_state)
+            if closed_energy is not None:
+                window_energy.copy_(closed_energy)
+            if prev_window_sums:
+                torch._foreach_zero_(prev_window_sums)
+            window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
+
+        return ([close], []) if closes_now else ([], [close])
+
+    closes, early = scheduled | jump, jump & ~scheduled
+
+    def update_alphas(mask):
+        for a, dots, sqs in scopes:
+            _update_alphas(a, dots, sqs, bound, mask, cut)
+
+    def finish():
+        update_alphas(early)
+        window_state.copy_(torch.where(closes, closed_state, torch.stack([done, k])))
+        if closed_energy is not None:
+            window_energy.copy_(torch.where(closes, closed_energy, window_energy))
+        for a, p in zip(window_sums, prev_window_sums):
+            torch.where(closes, a, p, out=p)  # P ← A
+            a.masked_fill_(closes, 0.0)        # A ← 0
+
+    return [lambda: update_alphas(scheduled)], [finish]
 
 
-def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):
+def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, lr_factor, kw):
     momentum = kw["momentum"]
     wd = kw["weight_decay"]  # torch's maximize negates only g, as SPEC does
     if momentum == 0:
@@ -384,6 +475,8 @@ def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):
         parts = [(fresh, True), (old, False)]
 
     def move():
+        # α after its update; times a schedule's factor in the weights' precision (fp64 weights: no fp32 rounding)
+        lr = alpha if isinstance(lr_factor, float) and lr_factor == 1.0 else alpha.to(params[0].dtype) * lr_factor
         for js, first in parts:
             if not js:
                 continue
@@ -393,7 +486,7 @@ def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):
                 [bufs[j] for j in js] if momentum != 0 else [],
                 weight_decay=wd,
                 momentum=momentum,
-                lr=alpha,
+                lr=lr,
                 dampening=kw["dampening"],
                 nesterov=kw["nesterov"],
                 maximize=kw["maximize"],
@@ -403,10 +496,13 @@ def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, kw):
     return move
 
 
-def _foreach_mover(params, work_params, directions, alphas, half):
+def _foreach_mover(params, work_params, directions, alphas, lr_factor, half):
     def move():
-        # w ← w - α·d with α a device tensor: addcmul takes it without a host read.
-        torch._foreach_addcmul_(work_params, directions, alphas, value=-1.0)
+        # w ← w - α·f·d with α a device tensor: addcmul takes it without a host read.
+        if isinstance(lr_factor, Tensor):
+            torch._foreach_addcmul_(work_params, directions, [a * lr_factor for a in alphas], value=-1.0)
+        else:
+            torch._foreach_addcmul_(work_params, directions, alphas, value=-float(lr_factor))
         if half:
             torch._foreach_copy_(params, work_params)
 

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import functional
 from .functional import advance_step, state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "window_schedule", "DEFAULT_LR", "DEFAULT_WINDOW", "AUTO_WINDOW",
-           "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET"]
+           "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET", "DEFAULT_BLOWUP_RATIO"]
 
 SCOPES = ("group", "tensor")
 STATISTICS = ("gradient", "direction")
@@ -32,6 +33,10 @@ DEFAULT_WINDOW = "auto"
 AUTO_WINDOW = 3
 AUTO_MAX_WINDOW = 48
 DEFAULT_WINDOW_RESET = 0.05
+# The adaptive window's blow-up guard (README, "Adaptive window"): when the window so far
+# carries more than this many times the squared gradient sum per unit of the larger of the
+# last two windows, it closes early and α is cut to at most 1/(1 + √ratio) of itself.
+DEFAULT_BLOWUP_RATIO = 16.0
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
@@ -46,6 +51,43 @@ def _finite_number(name: str, value: Any) -> float:
     return float(value)
 
 
+def initial_alpha(lr) -> float:
+    """The α that ``lr`` starts TLR from, checked: > 0, finite, a normal float32."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if lr.is_complex() or not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"Invalid learning rate: tensor of dtype {lr.dtype}")
+        value = float(lr.detach().cpu())
+    else:
+        value = _finite_number("learning rate", lr)
+    if not _ALPHA_MIN <= value <= _ALPHA_MAX:
+        raise ValueError(
+            f"Invalid learning rate: {value} (lr is the initial α, which TLR trains by multiplying it: it must be > 0 "
+            f"and a normal float32, {_ALPHA_MIN:.4g} to {_ALPHA_MAX:.4g})"
+        )
+    return value
+
+
+def schedule_factor(lr, initial_lr, index: int) -> float | Tensor:
+    """``lr / initial_lr``: the factor a learning-rate schedule applies to the trained α.
+
+    Checked when both are numbers (free); a tensor lr is not read (that would synchronise).
+    """
+    if isinstance(lr, Tensor) or isinstance(initial_lr, Tensor):
+        for name, value in (("lr", lr), ("initial_lr", initial_lr)):
+            if isinstance(value, Tensor) and value.numel() != 1:
+                raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)} in group {index}")
+        return torch.as_tensor(lr) / torch.as_tensor(initial_lr)
+    value = _finite_number(f"learning rate of group {index}", lr)
+    if value < 0:
+        raise ValueError(f"Invalid learning rate of group {index}: {value} (a schedule's value must be >= 0)")
+    start = _finite_number(f"initial_lr of group {index}", initial_lr)
+    if start <= 0:
+        raise ValueError(f"Invalid initial_lr of group {index}: {start} (expected > 0: lr is used as lr / initial_lr)")
+    return value / start
+
+
 def window_schedule(window: int | str, max_window: int | None) -> tuple[int, int]:
     """(W0, K): windows are k·W0 steps long with 1 <= k <= K; K = 1 is the paper's fixed window."""
     w0 = AUTO_WINDOW if window == "auto" else window
@@ -54,9 +96,14 @@ def window_schedule(window: int | str, max_window: int | None) -> tuple[int, int
     return w0, max(1, max_window // w0)
 
 
+_SKIP = object()  # check_hyperparameters(lr=_SKIP): the learning rate is checked elsewhere
+_ALPHA_MIN = torch.finfo(torch.float32).tiny
+_ALPHA_MAX = torch.finfo(torch.float32).max
+
+
 def check_hyperparameters(
     *,
-    lr=None,
+    lr=_SKIP,
     momentum,
     dampening,
     weight_decay,
@@ -65,6 +112,7 @@ def check_hyperparameters(
     window,
     max_window=None,
     window_reset=DEFAULT_WINDOW_RESET,
+    blowup_ratio=DEFAULT_BLOWUP_RATIO,
     scope,
     statistic,
     maximize,
@@ -72,20 +120,12 @@ def check_hyperparameters(
 ) -> None:
     """Raise ValueError/TypeError naming the first invalid hyper-parameter.
 
-    ``lr`` may be a float or a 1-element tensor (read here, at construction: never in
-    ``step()``); pass ``lr=None`` to skip it.
+    ``lr`` is the initial α: a float or a 1-element tensor (read here, at construction:
+    never in ``step()``), > 0 and a normal float32, because α is trained by multiplying
+    it (from 0 it would never move).
     """
-    if lr is not None:
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-            if lr.is_complex() or not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
-                raise TypeError(f"Invalid learning rate: tensor of dtype {lr.dtype}")
-            value = float(lr.detach().cpu())
-        else:
-            value = _finite_number("learning rate", lr)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"Invalid learning rate: {value}")
+    if lr is not _SKIP:
+        initial_alpha(lr)
     m = _finite_number("momentum value", momentum)
     if not 0.0 <= m < 1.0:
         raise ValueError(f"Invalid momentum value: {momentum} (TLR needs 0 <= momentum < 1)")
@@ -113,6 +153,8 @@ def check_hyperparameters(
             raise ValueError(f"Invalid max_window: {max_window} (expected >= the window, {w0})")
     if _finite_number("window_reset", window_reset) < 0.0:
         raise ValueError(f"Invalid window_reset: {window_reset} (expected >= 0)")
+    if blowup_ratio is not None and _finite_number("blowup_ratio", blowup_ratio) <= 1.0:
+        raise ValueError(f"Invalid blowup_ratio: {blowup_ratio} (expected a number > 1, or None to turn the guard off)")
     if scope not in SCOPES:
         raise ValueError(f"Invalid scope: {scope!r} (expected one of {SCOPES})")
     if statistic not in STATISTICS:
@@ -189,7 +231,7 @@ def _collective_device(group: dict[str, Any], shard_group) -> torch.device:
 
     if dist.get_backend(shard_group) == "nccl":  # NCCL reduces CUDA tensors only
         return torch.device("cuda", torch.cuda.current_device())
-    return group["lr"].device if isinstance(group["lr"], Tensor) else torch.device("cpu")
+    return group["alpha"].device
 
 
 def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tensor) -> None:
@@ -216,8 +258,8 @@ def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tens
 
 
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    keys = ("momentum", "dampening", "weight_decay", "nesterov", "bound", "window", "max_window", "window_reset", "scope",
-            "statistic", "maximize", "backend")
+    keys = ("momentum", "dampening", "weight_decay", "nesterov", "bound", "window", "max_window", "window_reset",
+            "blowup_ratio", "scope", "statistic", "maximize", "backend")
     return {k: group[k] for k in keys}
 
 
@@ -319,6 +361,7 @@ class TLR(Optimizer):
         window: int | str = DEFAULT_WINDOW,
         max_window: int | None = None,
         window_reset: float = DEFAULT_WINDOW_RESET,
+        blowup_ratio: float | None = DEFAULT_BLOWUP_RATIO,
         scope: str = "group",
         statistic: str = "gradient",
         maximize: bool = False,
@@ -335,6 +378,7 @@ class TLR(Optimizer):
             window=window,
             max_window=max_window,
             window_reset=window_reset,
+            blowup_ratio=blowup_ratio,
             scope=scope,
             statistic=statistic,
             maximize=maximize,
@@ -369,6 +413,8 @@ class TLR(Optimizer):
             group["params"] = list(group["params"])
         merged = {**self.defaults, **group}
         check_hyperparameters(**{k: merged[k] for k in ("lr", *_hyperparameters(merged))})
+        if "alpha" in group:  # a group of a state_dict: its α travels with it
+            initial_alpha(group["alpha"])
         tensors = [p[1] if isinstance(p, tuple) else p for p in ([group["params"]] if isinstance(group["params"], Tensor) else group["params"])]
         for i, p in enumerate(tensors):
             if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
@@ -383,9 +429,14 @@ class TLR(Optimizer):
             )
         super().add_param_group(group)  # torch's checks (non-leaf, duplicates, overlap)
         device = next(iter(devices)) if devices else torch.device("cpu")
-        group["lr"] = self._alpha_tensor(merged["lr"], device)
+        # group["lr"] stays what the user (or a scheduler) sets: TLR never writes it. The
+        # trained α starts from it and lives in group["alpha"]; a step moves the weights by
+        # α · lr / initial_lr, so a schedule's factor multiplies the trained α.
+        group["alpha"] = self._alpha_tensor(group.get("alpha", merged["lr"]), device)
+        group.setdefault("initial_lr", group["lr"].detach().clone() if isinstance(group["lr"], Tensor) else group["lr"])
         group.setdefault("step", 0)
         group["window_state"] = self._window_state(group.get("window_state"), device)
+        group["window_energy"] = self._window_energy(group.get("window_energy"), device)
         try:  # the Triton path keeps its step counter on the device from the start
             if devices and _resolve_backend(group["backend"], device, len(self.param_groups) - 1) == "triton":
                 group["step"] = torch.as_tensor(group["step"], dtype=torch.int64).to(device)
@@ -405,6 +456,12 @@ class TLR(Optimizer):
         value = torch.tensor([0, 1]) if value is None else torch.as_tensor(value)
         return value.to(device=device, dtype=torch.int64, copy=True)
 
+    @staticmethod
+    def _window_energy(value: Tensor | None, device: torch.device) -> Tensor:
+        """float64 [2] on ``device``: ‖A‖² per unit of the last two closed windows (the blow-up guard's reference)."""
+        value = torch.zeros(2, dtype=torch.float64) if value is None else torch.as_tensor(value)
+        return value.to(device=device, dtype=torch.float64, copy=True)
+
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; a process group cannot be copied or
         # pickled, so a copy only learns that the original had one (and refuses to step alone).
@@ -418,8 +475,9 @@ class TLR(Optimizer):
         self._shard_group = None
         self._shard_group_lost = lost
         # Fill in entries added after a checkpoint was written, so older dicts still load.
-        defaults = dict(bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET, scope="group",
-                        statistic="gradient", maximize=False, backend="auto")
+        defaults = dict(bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
+                        blowup_ratio=DEFAULT_BLOWUP_RATIO, scope="group", statistic="gradient", maximize=False,
+                        backend="auto")
         for key, value in defaults.items():
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
@@ -428,6 +486,13 @@ class TLR(Optimizer):
             group.setdefault("step", 0)
             if "window_state" not in group:
                 group["window_state"] = self._window_state(None, torch.device("cpu"))
+            if "window_energy" not in group:
+                group["window_energy"] = torch.zeros(2, dtype=torch.float64)
+            if "alpha" not in group:  # written before α moved out of group["lr"] (then the live α tensor)
+                alpha = group["lr"]
+                group["alpha"] = self._alpha_tensor(alpha, alpha.device if isinstance(alpha, Tensor) else torch.device("cpu"))
+                start = group.get("initial_lr", alpha)
+                group["lr"] = group["initial_lr"] = float(start) if isinstance(start, Tensor) else start
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; the given dict is not modified.
@@ -436,6 +501,13 @@ class TLR(Optimizer):
         which would round fp32 state of bf16 parameters; TLR moves these entries itself.
         """
         state_dict = dict(state_dict)
+        for index, group in enumerate(state_dict.get("param_groups", [])):
+            missing = [k for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov") if k not in group]
+            if missing:
+                raise ValueError(
+                    f"not a TLR (or SGD) state_dict: param group {index} has no {', '.join(map(repr, missing))} "
+                    f"(its keys: {sorted(k for k in group if k != 'params')})"
+                )
         kept: dict[Any, dict[str, Tensor]] = {}
         state = {}
         for key, entry in state_dict["state"].items():
@@ -452,7 +524,7 @@ class TLR(Optimizer):
                 self.state[p][k] = value.to(device=p.device, dtype=dtype, copy=True)
         for index, group in enumerate(self.param_groups):
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            group["lr"] = self._alpha_tensor(group["lr"], device)
+            group["alpha"] = self._alpha_tensor(group["alpha"], device)  # a copy of its own, on the parameters' device
             if isinstance(group["step"], Tensor):  # written by the Triton path: keep it where it will run
                 try:
                     on_triton = bool(group["params"]) and _resolve_backend(group["backend"], device, index) == "triton"
@@ -460,16 +532,26 @@ class TLR(Optimizer):
                     on_triton = False
                 group["step"] = group["step"].to(device, torch.int64, copy=True) if on_triton else int(group["step"])
             group["window_state"] = self._window_state(group.get("window_state"), device)  # a copy of its own
+            group["window_energy"] = self._window_energy(group.get("window_energy"), device)
 
     # ------------------------------------------------------------------ step
-    def _check_group(self, index: int, group: dict[str, Any]) -> None:
-        """Everything step() can reject, checked before any tensor is modified."""
-        lr = group["lr"]
-        if isinstance(lr, Tensor):  # its value is not read: that would synchronise
-            if lr.numel() != 1:
-                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)} in group {index}")
-            lr = None
-        check_hyperparameters(lr=lr, **_hyperparameters(group))
+    def _check_group(self, index: int, group: dict[str, Any]) -> float | Tensor:
+        """Everything step() can reject, checked before any tensor is modified; returns the schedule factor.
+
+        Values on the CPU are read (that costs no synchronisation): a tensor lr, and α set
+        by hand (``group["alpha"].fill_(...)``), which must stay > 0. On a GPU they are not.
+        """
+        factor = schedule_factor(group["lr"], group["initial_lr"], index)
+        if isinstance(factor, Tensor) and functional.host_reads_free(factor.device):
+            schedule_factor(float(group["lr"]), float(group["initial_lr"]), index)
+        alphas = [group["alpha"]]
+        if group["scope"] == "tensor":
+            alphas += [self.state[p]["alpha"] for p in group["params"] if "alpha" in self.state.get(p, {})]
+        for alpha in alphas:
+            if (isinstance(alpha, Tensor) and functional.host_reads_free(alpha.device)
+                    and not _ALPHA_MIN <= float(alpha) <= _ALPHA_MAX):
+                raise ValueError(f"Invalid α in group {index}: {float(alpha)} (α must stay > 0 and a normal float32)")
+        check_hyperparameters(**_hyperparameters(group))
         devices = set()
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -486,6 +568,7 @@ class TLR(Optimizer):
             )
         for device in devices:
             _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
+        return factor
 
     def _group_device(self, group: dict[str, Any]) -> torch.device | None:
         for p in group["params"]:
@@ -493,17 +576,19 @@ class TLR(Optimizer):
                 return p.device
         return None
 
-    def _init_group(self, group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys, owners) -> None:
+    def _init_group(self, group, backend, device, snapshots, params, grads, bufs, sums, prev_sums, alphas, keys,
+                    owners) -> None:
         """Gather the tensors with a gradient into the given lists; create (or convert) their state lazily.
 
         torch's convention (lists filled in place, nothing returned): torch.compile runs
         a method of this name eagerly instead of tracing it. ``params``/``grads`` get a
         DTensor's local shard, ``owners`` the parameter itself (the state's key), ``keys``
-        the state key of its window sum.
+        the state key of its window sum. ``snapshots``: whether a window snapshot may stand
+        for the window sum (``functional.window_representation``).
         """
-        lr = group["lr"]
+        lr = group["alpha"]
         if not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
-            group["lr"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
+            group["alpha"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
         step = group["step"]
         if backend == "triton" and not (isinstance(step, Tensor) and step.device == device):
             group["step"] = torch.as_tensor(step, dtype=torch.int64).to(device)  # the counter lives on the device
@@ -512,6 +597,9 @@ class TLR(Optimizer):
         ws = group["window_state"]
         if not (isinstance(ws, Tensor) and ws.device == device and ws.dtype == torch.int64):
             group["window_state"] = self._window_state(ws, device)  # set by hand, or parameters moved
+        we = group["window_energy"]
+        if not (isinstance(we, Tensor) and we.device == device and we.dtype == torch.float64):
+            group["window_energy"] = self._window_energy(we, device)
 
         keys_by_dtype: dict[torch.dtype, str] = {}
         for p in group["params"]:
@@ -531,7 +619,8 @@ class TLR(Optimizer):
             else:
                 alpha = lr
             if p.dtype not in keys_by_dtype:
-                keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, group["statistic"], group["momentum"])
+                keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, group["statistic"], group["momentum"],
+                                                               snapshots)
             key = keys_by_dtype[p.dtype]
             local = _local(p)  # a DTensor's shard on this rank: state and updates are per shard
             if key not in state or "prev_window_sum" not in state:
@@ -569,10 +658,9 @@ class TLR(Optimizer):
                 "this TLR is a copy (deepcopy, pickle or torch.save) of one whose window statistics were summed over a "
                 "shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
             )
-        for index, group in enumerate(self.param_groups):
-            self._check_group(index, group)
+        factors = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
+        for index, (group, factor) in enumerate(zip(self.param_groups, factors)):
             device = self._group_device(group)
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
             mesh_group = _dtensor_group(group, index)
@@ -596,7 +684,10 @@ class TLR(Optimizer):
                 continue
             params, grads, bufs, sums, prev_sums, alphas, keys, owners = [], [], [], [], [], [], [], []
             w0, units = window_schedule(group["window"], group["max_window"])
-            self._init_group(group, backend, device, params, grads, bufs, sums, prev_sums, alphas, keys, owners)
+            snapshots = functional.snapshots_allowed(factor, units, group["blowup_ratio"])
+            if isinstance(factor, Tensor):
+                factor = factor.to(device=device, dtype=torch.float32)
+            self._init_group(group, backend, device, snapshots, params, grads, bufs, sums, prev_sums, alphas, keys, owners)
             tlr(
                 params,
                 grads,
@@ -609,6 +700,8 @@ class TLR(Optimizer):
                 max_window=w0 * units,
                 window_reset=group["window_reset"],
                 window_state=group["window_state"],
+                blowup_ratio=group["blowup_ratio"],
+                window_energy=group["window_energy"],
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 weight_decay=group["weight_decay"],
@@ -617,6 +710,7 @@ class TLR(Optimizer):
                 bound=group["bound"],
                 statistic=group["statistic"],
                 scope=group["scope"],
+                lr_factor=factor,
                 backend=backend,
                 grad_scale=grad_scale if backend == "triton" else None,
                 found_inf=found_inf if backend == "triton" else None,

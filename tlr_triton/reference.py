@@ -16,7 +16,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, check_hyperparameters, window_schedule
+from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, check_hyperparameters,
+                        window_schedule)
 
 __all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
 
@@ -33,9 +34,9 @@ def newton_factor(dot: float, sq: float, bound: float) -> float:
     return 1.0 + r if math.isfinite(r) else 1.0
 
 
-def next_alpha(alpha: float, dot: float, sq: float, bound: float) -> float:
-    """α·(1 + r), rounded to float32; the old α if the product leaves float32's normal range."""
-    new = alpha * newton_factor(dot, sq, bound)
+def next_alpha(alpha: float, dot: float, sq: float, bound: float, cut: float = math.inf) -> float:
+    """α·min(1 + r, cut), rounded to float32; the old α if the product leaves float32's normal range."""
+    new = alpha * min(newton_factor(dot, sq, bound), cut)
     if not (math.isfinite(new) and _TINY <= new <= _MAX):
         return alpha
     return _f32(new)
@@ -51,25 +52,28 @@ class ReferenceTLR(Optimizer):
     With an int ``window`` and no ``max_window`` this is SPEC.md literally; otherwise
     windows adapt as ``TLR``'s docstring says (the default, ``window="auto"``).
 
-    ``group["lr"]`` (scope "group") and ``state[p]["alpha"]`` (scope "tensor") are
-    Python floats here; the other state entries are float64 tensors.
+    ``group["alpha"]`` (scope "group") and ``state[p]["alpha"]`` (scope "tensor") are
+    Python floats here; the other state entries are float64 tensors. As in ``TLR``, the
+    weights move by α · lr / initial_lr (a learning-rate schedule's factor).
     """
 
     def __init__(self, params, lr=DEFAULT_LR, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET, scope="group",
-                 statistic="gradient", maximize=False):
+                 bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
+                 blowup_ratio=DEFAULT_BLOWUP_RATIO, scope="group", statistic="gradient", maximize=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        bound=bound, window=window, max_window=max_window, window_reset=window_reset, scope=scope,
-                        statistic=statistic, maximize=maximize)
+                        bound=bound, window=window, max_window=max_window, window_reset=window_reset,
+                        blowup_ratio=blowup_ratio, scope=scope, statistic=statistic, maximize=maximize)
         check_hyperparameters(**defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = _f32(float(group["lr"]))  # TLR stores α in float32
+        group["alpha"] = _f32(float(group["lr"]))  # TLR stores α in float32
+        group.setdefault("initial_lr", float(group["lr"]))
         group.setdefault("step", 0)
         group["units_done"], group["units"] = 0, 1  # the window so far and its length, in units of W0 steps
+        group["energy"] = [0.0, 0.0]  # ‖A‖² per unit of the last two closed windows (the blow-up guard's reference)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,7 +97,7 @@ class ReferenceTLR(Optimizer):
                 st["window_sum"] = torch.zeros_like(w)
                 st["prev_window_sum"] = torch.zeros_like(w)
             if group["scope"] == "tensor" and "alpha" not in st:
-                st["alpha"] = group["lr"]
+                st["alpha"] = group["alpha"]
             g = -g if group["maximize"] else g  # SPEC: only g is negated, as in torch.optim.SGD
             u = g + lam * w if lam != 0 else g  # λ = 0 means no term (0·NaN weights would be NaN)
             d = u
@@ -110,34 +114,53 @@ class ReferenceTLR(Optimizer):
         # The window: k units of W0 steps (k = 1 always for a fixed window); the group's
         # Newton step at a closing sets the next k (TLR's docstring, "window='auto'").
         w0, max_units = window_schedule(group["window"], group["max_window"])
-        closes = False
+        scheduled = jump = False
+        cut = math.inf  # no cap on α's factor unless the blow-up guard trips
         if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
             group["units_done"] += 1
-            closes = group["units_done"] >= min(group["units"], max_units)
-        if closes:
-            dot = sum(float((self.state[p]["window_sum"] * self.state[p]["prev_window_sum"]).sum()) for p in live)
-            sq = sum(float((self.state[p]["window_sum"] ** 2).sum()) for p in live)
-            large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
-            group["units"] = 1 if large else min(min(group["units"], max_units) + 1, max_units)
-            group["units_done"] = 0
-            scopes = [live] if group["scope"] == "group" else [[p] for p in live]
-            for tensors in scopes:
-                dot = sum(float((self.state[p]["window_sum"] * self.state[p]["prev_window_sum"]).sum()) for p in tensors)
-                sq = sum(float((self.state[p]["window_sum"] ** 2).sum()) for p in tensors)
-                if group["scope"] == "group":
-                    group["lr"] = next_alpha(group["lr"], dot, sq, group["bound"])
-                else:
-                    st = self.state[tensors[0]]
-                    st["alpha"] = next_alpha(st["alpha"], dot, sq, group["bound"])
-            for p in live:
-                st = self.state[p]
-                st["prev_window_sum"] = st["window_sum"]
-                st["window_sum"] = torch.zeros_like(st["window_sum"])
+            scheduled = group["units_done"] >= min(group["units"], max_units)
+            if max_units > 1 and group["blowup_ratio"] is not None:
+                # The blow-up guard: ‖A‖² per unit of the window so far against the larger of
+                # the last two windows'. A jump closes the window after this step's move.
+                energy = _sum_of(self.state, live, "window_sum", "window_sum") / group["units_done"]
+                reference = max(group["energy"])
+                jump = reference > 0 and energy > group["blowup_ratio"] * reference
+                if jump:
+                    cut = 1.0 / (1.0 + math.sqrt(energy / reference))
 
+        if scheduled:  # α first, then the move (Algorithm 2's order)
+            self._close_window(group, live, max_units, jump, cut)
+        factor = float(group["lr"]) / float(group["initial_lr"])
         for p in live:
-            alpha = group["lr"] if group["scope"] == "group" else self.state[p]["alpha"]
-            p.copy_(p.double() - alpha * directions[p])
+            alpha = group["alpha"] if group["scope"] == "group" else self.state[p]["alpha"]
+            p.copy_(p.double() - alpha * factor * directions[p])
+        if jump and not scheduled:  # an early close takes effect from the next step
+            self._close_window(group, live, max_units, jump, cut)
         group["step"] += 1
+
+    def _close_window(self, group, live, max_units, jump, cut):
+        """α ← α·(1 + r) per scope (at most ``cut`` after a jump), the next window's length, P ← A, A ← 0."""
+        dot = _sum_of(self.state, live, "window_sum", "prev_window_sum")
+        sq = _sum_of(self.state, live, "window_sum", "window_sum")
+        large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
+        group["units"] = 1 if (large or jump) else min(min(group["units"], max_units) + 1, max_units)
+        group["energy"] = [sq / group["units_done"], group["energy"][0]]
+        group["units_done"] = 0
+        scopes = [live] if group["scope"] == "group" else [[p] for p in live]
+        for tensors in scopes:
+            dot = _sum_of(self.state, tensors, "window_sum", "prev_window_sum")
+            sq = _sum_of(self.state, tensors, "window_sum", "window_sum")
+            holder, key = (group, "alpha") if group["scope"] == "group" else (self.state[tensors[0]], "alpha")
+            holder[key] = next_alpha(holder[key], dot, sq, group["bound"], cut)
+        for p in live:
+            st = self.state[p]
+            st["prev_window_sum"] = st["window_sum"]
+            st["window_sum"] = torch.zeros_like(st["window_sum"])
+
+
+def _sum_of(state, params, a, b) -> float:
+    """Σ over ``params`` of ⟨state[p][a], state[p][b]⟩, in float64."""
+    return sum(float((state[p][a] * state[p][b]).sum()) for p in params)
 
 
 def _sgd_direction(state, d, group):
