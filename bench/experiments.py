@@ -4,6 +4,8 @@
     python bench/experiments.py --full           # every experiment, every task, 3 seeds
     python bench/experiments.py --only robustness --task digits
     python bench/experiments.py --plot-only      # re-plot and re-tabulate from the JSON files
+    python bench/experiments.py --only sweep --task digits --windows 3 10 auto --lrs 1e-3 1e-2 --batches 64 512
+                                                 # final loss over α0 x batch x seeds, per window
 
 Tasks: "digits", the paper's MNIST network (one hidden layer of 1000) on scikit-learn's
 digits; "charlm", a small character-level transformer on text from Python's own
@@ -11,7 +13,8 @@ standard library sources (the analogue of the paper's transformer experiment); "
 and "cancer", an MLP (one hidden layer of 64) on scikit-learn's small tabular sets, where
 small batches drive the train loss to 0 (the setting of the blow-up guard). Splits
 are fixed and seeded. Experiments: robustness (paper Fig. 1), baselines (Fig. 3), bound c
-(Fig. 8), window p (Fig. 6), fixed meta-rate η (Fig. 9). Each writes
+(Fig. 8), window p (Fig. 6), fixed meta-rate η (Fig. 9); and "sweep", the grid behind the
+defaults (SGD and TLR with each of ``--windows`` over ``--lrs`` x ``--batches`` x seeds). Each writes
 bench/out/<experiment>-<task>.{json,md,png}; finished runs are kept in the JSON, so an
 interrupted run resumes where it stopped.
 """
@@ -303,6 +306,11 @@ def grid(experiment: str, task: str, full: bool):
         return runs + [("tlr window=3 (fixed)", "tlr", lr0, batch, {"window": 3}),
                        ("tlr window=auto (default)", "tlr", lr0, batch, {}),
                        ("tlr window=auto, no blow-up guard", "tlr-noguard", lr0, batch, {})]
+    if experiment == "sweep":
+        variants = [("sgd", "sgd", {})] + [(f"tlr window={w}", "tlr", {} if w == "auto" else {"window": int(w)})
+                                          for w in SWEEP["windows"]]
+        return [(f"{label} lr0={lr} batch={b}", o, lr, b, kw) for label, o, kw in variants
+                for lr in SWEEP["lrs"] for b in SWEEP["batches"]]
     if experiment == "meta":
         etas = (1e-5, 1e-4, 1e-3, 1e-2) if full else (1e-5, 1e-4, 1e-3)
         return [(f"hd eta={e}", "hd", lr0, batch, {"meta_lr": e}) for e in etas] + \
@@ -310,8 +318,13 @@ def grid(experiment: str, task: str, full: bool):
     raise ValueError(experiment)
 
 
-EXPERIMENTS = ["robustness", "baselines", "bound", "window", "meta"]
+EXPERIMENTS = ["robustness", "baselines", "bound", "window", "meta"]  # --full runs these; "sweep" on request
+SWEEP = dict(windows=["auto", 3, 10], lrs=[1e-3, 1e-2, 1e-1], batches=[64, 128, 256, 512])
 EPOCHS = {"digits": 30, "charlm": 15, "wine": 40, "cancer": 40}
+
+
+def _metric(task: str) -> str:
+    return "perplexity" if task == "charlm" else "accuracy"
 
 
 def summarise(task: str, runs: dict) -> list[dict]:
@@ -330,7 +343,7 @@ def summarise(task: str, runs: dict) -> list[dict]:
         reach = []
         for h in hs:
             m = h["metric"]
-            if task == "digits":
+            if _metric(task) == "accuracy":
                 best = max(m)
                 reach.append(next(i + 1 for i, v in enumerate(m) if v >= 0.95 * best))
             else:
@@ -349,21 +362,35 @@ def _ms(xs):
 
 
 def markdown(experiment: str, task: str, rows: list[dict], runs: dict) -> str:
-    metric = "test accuracy" if task == "digits" else "test perplexity"
+    metric = f"test {_metric(task)}"
     lines = [f"### {experiment} — {task} ({date.today()}, {platform.machine()}, torch {torch.__version__})", "",
              f"| run | seeds | final train loss | {metric} | epochs to 95% of best | diverged |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['seeds']} | {r['loss'][0]:.4g} ± {r['loss'][1]:.2g} | {r['metric'][0]:.4g} ± {r['metric'][1]:.2g} "
                      f"| {r['reach'][0]:.1f} | {r['diverged']} |")
+    if experiment == "sweep":  # one row per optimizer and window, over the whole grid
+        variants = {}
+        for key, h in runs.items():
+            variants.setdefault(key.split(" lr0=")[0], []).append(h)
+        lines += ["", f"Over α0 {SWEEP['lrs']} x batch {SWEEP['batches']} x seeds, {len(next(iter(variants.values())))} runs each:",
+                  "", "| optimizer | median final train loss | worst | spread (worst/best, floored at 1e-6) | diverged |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, hs in variants.items():
+            ok = sorted(max(h["loss"][-1], 1e-6) for h in hs if not diverged(h))
+            if ok:
+                lines.append(f"| {name} | {ok[len(ok) // 2]:.4g} | {ok[-1]:.4g} | {ok[-1] / ok[0]:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
+            else:
+                lines.append(f"| {name} | - | - | - | {len(hs)}/{len(hs)} |")
     if experiment == "robustness":
-        lines += ["", "| optimizer | spread (max/min final train loss, runs that did not diverge) | diverged |", "|---|---:|---:|"]
+        lines += ["", "| optimizer | worst final train loss (runs that did not diverge) | spread (max/min, losses floored at 1e-6) "
+                      "| diverged |", "|---|---:|---:|---:|"]
         for opt in ("sgd", "tlr", "tlr-noguard"):
             hs = [h for k, h in runs.items() if k.startswith(opt + " ")]
             if not hs:
                 continue
-            ok = [h["loss"][-1] for h in hs if not diverged(h)]
-            spread = max(ok) / min(ok) if ok else float("nan")
-            lines.append(f"| {opt} | {spread:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
+            ok = [max(h["loss"][-1], 1e-6) for h in hs if not diverged(h)]
+            worst, spread = (max(ok), max(ok) / min(ok)) if ok else (float("nan"), float("nan"))
+            lines.append(f"| {opt} | {worst:.4g} | {spread:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -433,7 +460,8 @@ def plot(experiment: str, task: str, runs: dict, path: Path) -> None:
 
 def run_experiment(experiment: str, task_name: str, seeds: list[int], full: bool, plot_only: bool) -> str:
     OUT.mkdir(exist_ok=True)
-    stem = OUT / f"{experiment}-{task_name}"
+    # a sweep's runs depend on its epochs too: one file per length
+    stem = OUT / (f"{experiment}-{task_name}" + (f"-{EPOCHS[task_name]}ep" if experiment == "sweep" else ""))
     saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {"runs": {}}
     runs = saved["runs"]
     if not plot_only:
@@ -445,10 +473,13 @@ def run_experiment(experiment: str, task_name: str, seeds: list[int], full: bool
         for label, o, lr, b, kw, s in tqdm(todo, desc=f"{experiment}/{task_name}", unit="run"):
             runs[f"{label} seed={s}"] = train(task, o, lr, b, EPOCHS[task_name], s, **kw)
             stem.with_suffix(".json").write_text(json.dumps({"experiment": experiment, "task": task_name, "runs": runs}))
-    rows = summarise(task_name, runs)
-    text = markdown(experiment, task_name, rows, runs)
+    # tables and figures show this grid's runs (the JSON may also hold runs of other grids)
+    wanted = {f"{label} seed={s}" for label, *_ in grid(experiment, task_name, full) for s in seeds}
+    shown = {k: h for k, h in runs.items() if k in wanted} or runs
+    rows = summarise(task_name, shown)
+    text = markdown(experiment, task_name, rows, shown)
     stem.with_suffix(".md").write_text(text)
-    plot(experiment, task_name, runs, stem.with_suffix(".png"))
+    plot(experiment, task_name, shown, stem.with_suffix(".png"))
     return text
 
 
@@ -459,12 +490,21 @@ DEFAULT = [("robustness", "digits"), ("robustness", "wine"), ("baselines", "digi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every experiment on every task, 3 seeds")
-    ap.add_argument("--only", choices=EXPERIMENTS, nargs="+")
+    ap.add_argument("--only", choices=EXPERIMENTS + ["sweep"], nargs="+")
+    ap.add_argument("--windows", nargs="+", help="sweep: TLR windows (ints or auto)")
+    ap.add_argument("--lrs", type=float, nargs="+", help="sweep: initial learning rates")
+    ap.add_argument("--batches", type=int, nargs="+", help="sweep: batch sizes")
+    ap.add_argument("--epochs", type=int, help="epochs per run (default: the task's)")
     ap.add_argument("--task", choices=list(TASKS), nargs="+")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--plot-only", action="store_true", help="re-plot and re-tabulate from bench/out/*.json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    for key in ("windows", "lrs", "batches"):
+        if getattr(args, key):
+            SWEEP[key] = getattr(args, key)
+    if args.epochs:
+        EPOCHS.update(dict.fromkeys(EPOCHS, args.epochs))
     if args.full or args.only or args.task:
         plan = [(e, t) for e in (args.only or EXPERIMENTS) for t in (args.task or list(TASKS))]
     else:

@@ -5,11 +5,14 @@
                                          # interpreter on the CPU, small sizes (keeps this script honest)
 
 1. Correctness against the float64 reference (fp32 and bf16 weights; several settings).
-2. No host synchronisation: ``torch.cuda.set_sync_debug_mode("error")`` around step().
-3. CUDA-graph capture of step() (closing steps included) replayed against eager steps.
+2. No host synchronisation: ``torch.cuda.set_sync_debug_mode("error")`` around step(), on
+   the Triton and the PyTorch path, fixed and adaptive windows (a gradient jump trips the
+   blow-up guard).
+3. CUDA-graph capture of step() (closing steps, and the guard's early close, included)
+   replayed against eager steps, window 2 and the default.
 4. Speed against torch.optim.SGD(fused=True) and (foreach=True), same momentum and
    weight decay: one tensor of 256M elements, 2000 tensors of 16k, GPT-2-small's
-   parameter list (124M); windows 1 and 100; ms/step, ratio to fused SGD, GB/s and % of
+   parameter list (124M); windows 1 and 100 and the default; ms/step, ratio to fused SGD, GB/s and % of
    the measured device-to-device copy bandwidth. Bytes per parameter come from the
    kernels (README, "Memory traffic").
 """
@@ -65,36 +68,41 @@ def check_reference(device, sizes):
                 err = ((p.detach().cpu().double() - q.detach().double()).abs() / (q.detach().double().abs() + 1)).max().item()
                 worst = max(worst, err / tol)
                 assert err <= tol, (dtype, cfg, err)
-            alpha = float(opt.param_groups[0]["lr"]) if cfg.get("scope") != "tensor" else float(opt.state[ps[0]]["alpha"])
-            ralpha = ref.param_groups[0]["lr"] if cfg.get("scope") != "tensor" else ref.state[qs[0]]["alpha"]
+            alpha = float(opt.param_groups[0]["alpha"]) if cfg.get("scope") != "tensor" else float(opt.state[ps[0]]["alpha"])
+            ralpha = ref.param_groups[0]["alpha"] if cfg.get("scope") != "tensor" else ref.state[qs[0]]["alpha"]
             assert abs(alpha - ralpha) <= 1e-5 * ralpha, (dtype, cfg, alpha, ralpha)
     print(f"reference: OK ({len(configs)} settings x fp32/bf16, 8 steps; worst error {worst:.2f} of tolerance)")
 
 
 def check_no_sync(device):
-    params = [torch.randn(1000, device=device, requires_grad=True) for _ in range(3)]
-    opt = TLR(params, momentum=MOMENTUM, window=2, backend="triton")
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()  # tables and state built (host → device copies) outside the checked region
-    opt.step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(4):
+    """Both paths, fixed and adaptive windows (with a gradient jump that trips the blow-up guard)."""
+    for backend in ("triton", "torch"):
+        for window in (dict(window=2), dict()):
+            params = [torch.randn(1000, device=device, requires_grad=True) for _ in range(3)]
+            opt = TLR(params, momentum=MOMENTUM, backend=backend, **window)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()  # tables and state built (host → device copies) outside the checked region
             opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    print("no host sync: OK (4 steps, 2 closing, under set_sync_debug_mode('error'))")
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for t in range(30):
+                    for p in params:
+                        p.grad.normal_().mul_(100.0 if t >= 20 else 1.0)
+                    opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    print("no host sync: OK (Triton and PyTorch paths, window 2 and auto; 30 steps under set_sync_debug_mode('error'))")
 
 
-def check_cuda_graph(device):
+def check_cuda_graph(device, **window):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(device)
     twin = [p.detach().clone().requires_grad_() for p in model.parameters()]
     params = list(model.parameters())
-    opt = TLR(params, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=2, backend="triton")
-    eager = TLR(twin, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=2, backend="triton")
-    grads = [[torch.randn_like(p) for p in params] for _ in range(9)]
+    opt = TLR(params, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton", **window)
+    eager = TLR(twin, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton", **window)
+    grads = [[torch.randn_like(p) * (30.0 if i >= 15 else 1.0) for p in params] for i in range(27)]
     for p, g in zip(params, grads[0]):
         p.grad = g.clone()  # static gradients: the graph reads these addresses
     s = torch.cuda.Stream()
@@ -112,7 +120,7 @@ def check_cuda_graph(device):
         for p, g in zip(twin, grads[i]):
             p.grad = g.clone()
         eager.step()
-    for i in range(3, 9):  # six replays: three of them close a window
+    for i in range(3, 27):  # replays: several close a window (and the jump at 15 trips the guard of "auto")
         for p, g in zip(params, grads[i]):
             p.grad.copy_(g)
         graph.replay()
@@ -122,9 +130,11 @@ def check_cuda_graph(device):
     torch.cuda.synchronize()
     for p, q in zip(params, twin):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
-    assert torch.equal(opt.param_groups[0]["lr"], eager.param_groups[0]["lr"])
-    assert int(opt.param_groups[0]["step"]) == int(eager.param_groups[0]["step"]) == 9
-    print(f"CUDA graph: OK (captured once, replayed 6 times = eager, bitwise; α {float(eager.param_groups[0]['lr']):.5f})")
+    assert torch.equal(opt.param_groups[0]["alpha"], eager.param_groups[0]["alpha"])
+    assert torch.equal(opt.param_groups[0]["window_state"], eager.param_groups[0]["window_state"])
+    assert int(opt.param_groups[0]["step"]) == int(eager.param_groups[0]["step"]) == 27
+    print(f"CUDA graph {window or 'window auto'}: OK (captured once, replayed 24 times = eager, bitwise; "
+          f"α {float(eager.param_groups[0]['alpha']):.5f})")
 
 
 def bandwidth(device):
@@ -189,6 +199,11 @@ def speed_table(device):
                 per = (BYTES[statistic, "ordinary"] * (window - 1) + BYTES[statistic, "closing"]) / window
                 rows.append((f"TLR {statistic}", window, ms, per))
                 del opt
+        # the default: the adaptive window (noise-like gradients let it grow to 48 steps)
+        opt = TLR(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton")
+        ms = time_ms(opt.step, 96)
+        rows.append(("TLR default", "auto", ms, (BYTES["gradient", "ordinary"] * 47 + BYTES["gradient", "closing"]) / 48 + 4 / 3))
+        del opt
         for name, window, ms, per in rows:
             gbs = per * n / ms / 1e6
             print(f"| {layout} | {name} | {window} | {ms:.3f} | {ms / fused_ms:.2f}x | {gbs:.0f} | {100 * gbs / peak:.0f}% |", flush=True)
@@ -213,6 +228,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     check_reference(device, [(3, 5), (), (1025,), (0,), (65537,), (300, 70)])
     check_no_sync(device)
+    check_cuda_graph(device, window=2)
     check_cuda_graph(device)
     speed_table(device)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")

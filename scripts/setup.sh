@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         "${PIP[@]}" "torch==2.13.0"
     fi
 fi
-"${PIP[@]}" -e ".[test,bench]"
+"${PIP[@]}" -e ".[test,bench,integrations]"
 # Triton 3.6.0, the GPU machines' release, beside the newest one: tests/test_gpu_compile.py
 # compiles every kernel with both (put first on the compile step's PYTHONPATH).
 if [ "$(uname -s)" = Linux ] && [ ! -d .venv/triton-3.6.0/triton ]; then

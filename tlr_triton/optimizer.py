@@ -393,6 +393,7 @@ class TLR(Optimizer):
         # optimizer inside a compiled frame.
         self._shard_group = shard_group
         self._shard_group_lost = False
+        self._validated: dict[int, tuple] = {}  # id(group) → the hyper-parameters last validated
 
     @property
     def shard_group(self):
@@ -474,6 +475,7 @@ class TLR(Optimizer):
         # Attributes set in __init__ that torch's state does not carry (deepcopy, pickle, torch.save).
         self._shard_group = None
         self._shard_group_lost = lost
+        self._validated = {}
         # Fill in entries added after a checkpoint was written, so older dicts still load.
         defaults = dict(bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
                         blowup_ratio=DEFAULT_BLOWUP_RATIO, scope="group", statistic="gradient", maximize=False,
@@ -535,32 +537,44 @@ class TLR(Optimizer):
             group["window_energy"] = self._window_energy(group.get("window_energy"), device)
 
     # ------------------------------------------------------------------ step
-    def _check_group(self, index: int, group: dict[str, Any]) -> float | Tensor:
-        """Everything step() can reject, checked before any tensor is modified; returns the schedule factor.
+    def _check_group(self, index: int, group: dict[str, Any]) -> tuple[float | Tensor, torch.device | None, bool]:
+        """Everything step() can reject, checked before any tensor is modified.
 
-        Values on the CPU are read (that costs no synchronisation): a tensor lr, and α set
-        by hand (``group["alpha"].fill_(...)``), which must stay > 0. On a GPU they are not.
+        Returns the schedule factor, the device of the group's first tensor with a gradient
+        (None: nothing to update) and whether the group holds DTensors. Hyper-parameters
+        are validated when they change. Values on the CPU are read (that costs no
+        synchronisation): a tensor lr, and α set by hand (``group["alpha"].fill_(...)``),
+        which must stay > 0. On a GPU they are not.
         """
         factor = schedule_factor(group["lr"], group["initial_lr"], index)
         if isinstance(factor, Tensor) and functional.host_reads_free(factor.device):
             schedule_factor(float(group["lr"]), float(group["initial_lr"]), index)
-        alphas = [group["alpha"]]
-        if group["scope"] == "tensor":
-            alphas += [self.state[p]["alpha"] for p in group["params"] if "alpha" in self.state.get(p, {})]
-        for alpha in alphas:
-            if (isinstance(alpha, Tensor) and functional.host_reads_free(alpha.device)
-                    and not _ALPHA_MIN <= float(alpha) <= _ALPHA_MAX):
-                raise ValueError(f"Invalid α in group {index}: {float(alpha)} (α must stay > 0 and a normal float32)")
-        check_hyperparameters(**_hyperparameters(group))
-        devices = set()
+        alpha = group["alpha"]
+        if isinstance(alpha, Tensor) and functional.host_reads_free(alpha.device):
+            alphas = [alpha]
+            if group["scope"] == "tensor":
+                alphas += [st["alpha"] for p in group["params"]
+                           if "alpha" in (st := self.state.get(p, {})) and st["alpha"].device == alpha.device]
+            low, high = (float(x) for x in torch.stack(alphas).aminmax())  # one read for them all
+            if not (_ALPHA_MIN <= low and high <= _ALPHA_MAX):
+                bad = low if not _ALPHA_MIN <= low else high
+                raise ValueError(f"Invalid α in group {index}: {bad} (α must stay > 0 and a normal float32)")
+        hyper = _hyperparameters(group)
+        signature = tuple(hyper.values())
+        if self._validated.get(id(group)) != signature:
+            check_hyperparameters(**hyper)
+            self._validated[id(group)] = signature
+        devices, first, dtensor = set(), None, False
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
-            if p.is_complex() or not p.is_floating_point():
-                raise TypeError(f"TLR optimizes real floating-point tensors; parameter {i} of group {index} is {p.dtype}")
             devices.add(p.device)
+            if first is None and p.numel() > 0:
+                first = p.device
+            dtensor = dtensor or hasattr(p, "device_mesh")
         if group["scope"] == "group" and len(devices) > 1:
             raise RuntimeError(
                 f"scope='group' shares one α across group {index}, but its parameters are on several devices "
@@ -568,15 +582,9 @@ class TLR(Optimizer):
             )
         for device in devices:
             _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
-        return factor
+        return factor, first, dtensor
 
-    def _group_device(self, group: dict[str, Any]) -> torch.device | None:
-        for p in group["params"]:
-            if p.grad is not None and p.numel() > 0:
-                return p.device
-        return None
-
-    def _init_group(self, group, backend, device, snapshots, params, grads, bufs, sums, prev_sums, alphas, keys,
+    def _init_group(self, group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas, keys,
                     owners) -> None:
         """Gather the tensors with a gradient into the given lists; create (or convert) their state lazily.
 
@@ -622,11 +630,11 @@ class TLR(Optimizer):
                 keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, group["statistic"], group["momentum"],
                                                                snapshots)
             key = keys_by_dtype[p.dtype]
-            local = _local(p)  # a DTensor's shard on this rank: state and updates are per shard
+            local = _local(p) if dtensor else p  # a DTensor's shard on this rank: state and updates are per shard
             if key not in state or "prev_window_sum" not in state:
                 _ensure_window_state(local, state, key, alpha)
             params.append(local)
-            grads.append(_local(p.grad))
+            grads.append(_local(p.grad) if dtensor else p.grad)
             bufs.append(state.get("momentum_buffer"))
             sums.append(state[key])
             prev_sums.append(state["prev_window_sum"])
@@ -658,12 +666,11 @@ class TLR(Optimizer):
                 "this TLR is a copy (deepcopy, pickle or torch.save) of one whose window statistics were summed over a "
                 "shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
             )
-        factors = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
+        checked = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, (group, factor) in enumerate(zip(self.param_groups, factors)):
-            device = self._group_device(group)
+        for index, (group, (factor, device, dtensor)) in enumerate(zip(self.param_groups, checked)):
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
-            mesh_group = _dtensor_group(group, index)
+            mesh_group = _dtensor_group(group, index) if dtensor else None
             if mesh_group is not None and self._shard_group is not None:
                 raise ValueError(f"group {index} holds DTensor parameters: their shards are summed over their mesh, "
                                  "so shard_group must not be given")
@@ -687,7 +694,8 @@ class TLR(Optimizer):
             snapshots = functional.snapshots_allowed(factor, units, group["blowup_ratio"])
             if isinstance(factor, Tensor):
                 factor = factor.to(device=device, dtype=torch.float32)
-            self._init_group(group, backend, device, snapshots, params, grads, bufs, sums, prev_sums, alphas, keys, owners)
+            self._init_group(group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas, keys,
+                             owners)
             tlr(
                 params,
                 grads,
