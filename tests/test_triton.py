@@ -24,7 +24,12 @@ MOMENTA = {
     "dampening": dict(momentum=0.9, dampening=0.3),
 }
 FP32 = dict(rtol=5 * 1.3e-6, atol=5 * 1e-5)
-MATRIX = list(itertools.product(["group", "tensor"], ["gradient", "direction"], [1, 3], list(MOMENTA), [0.0, 1e-2], [False, True]))
+# Every scope x statistic x momentum x window; weight decay and maximize cycle through their
+# four combinations, each with every momentum variant (the interpreter is slow; the PyTorch
+# path's parity test runs the full product).
+MATRIX = [(scope, statistic, window, mom, *[(0.0, False), (1e-2, False), (0.0, True), (1e-2, True)][(i + i // 4) % 4])
+          for i, (scope, statistic, window, mom) in enumerate(
+              itertools.product(["group", "tensor"], ["gradient", "direction"], [1, 3], list(MOMENTA)))]
 
 
 @pytest.mark.parametrize("scope,statistic,window,mom,wd,maximize", MATRIX)

@@ -551,11 +551,12 @@ class TLR(Optimizer):
             schedule_factor(float(group["lr"]), float(group["initial_lr"]), index)
         alpha = group["alpha"]
         if isinstance(alpha, Tensor) and functional.host_reads_free(alpha.device):
-            alphas = [alpha]
-            if group["scope"] == "tensor":
-                alphas += [st["alpha"] for p in group["params"]
-                           if "alpha" in (st := self.state.get(p, {})) and st["alpha"].device == alpha.device]
-            low, high = (float(x) for x in torch.stack(alphas).aminmax())  # one read for them all
+            if group["scope"] == "tensor":  # one read for them all
+                alphas = [alpha] + [st["alpha"] for p in group["params"]
+                                    if "alpha" in (st := self.state.get(p, {})) and st["alpha"].device == alpha.device]
+                low, high = (float(x) for x in torch.stack(alphas).aminmax())
+            else:
+                low = high = float(alpha)
             if not (_ALPHA_MIN <= low and high <= _ALPHA_MAX):
                 bad = low if not _ALPHA_MIN <= low else high
                 raise ValueError(f"Invalid α in group {index}: {bad} (α must stay > 0 and a normal float32)")
