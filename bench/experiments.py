@@ -385,12 +385,15 @@ def markdown(experiment: str, task: str, rows: list[dict], runs: dict) -> str:
         lines += ["", "| optimizer | worst final train loss (runs that did not diverge) | spread (max/min, losses floored at 1e-6) "
                       "| diverged |", "|---|---:|---:|---:|"]
         for opt in ("sgd", "tlr", "tlr-noguard"):
-            hs = [h for k, h in runs.items() if k.startswith(opt + " ")]
-            if not hs:
-                continue
-            ok = [max(h["loss"][-1], 1e-6) for h in hs if not diverged(h)]
-            worst, spread = (max(ok), max(ok) / min(ok)) if ok else (float("nan"), float("nan"))
-            lines.append(f"| {opt} | {worst:.4g} | {spread:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
+            for cap in (None, 0.1):  # the whole grid, then without α0 = 1 (beyond SGD's stable rates here)
+                hs = [h for k, h in runs.items() if k.startswith(opt + " ")
+                      and (cap is None or float(k.split("lr0=")[1].split()[0]) <= cap)]
+                if not hs:
+                    continue
+                ok = [max(h["loss"][-1], 1e-6) for h in hs if not diverged(h)]
+                worst, spread = (max(ok), max(ok) / min(ok)) if ok else (float("nan"), float("nan"))
+                name = opt if cap is None else f"{opt}, α0 ≤ {cap:g}"
+                lines.append(f"| {name} | {worst:.4g} | {spread:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
     return "\n".join(lines) + "\n"
 
 

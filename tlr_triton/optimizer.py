@@ -306,6 +306,7 @@ class TLR(Optimizer):
             ``window``, i.e. fixed). An int ``window`` with a larger ``max_window`` adapts
             from ``window`` up to the largest multiple of it not above ``max_window``.
         window_reset: the |r| at or above which the next window is short again.
+        blowup_ratio: the adaptive window's blow-up guard (below); None turns it off.
         scope: ``"group"``, one α per param group (the paper's ``sgd_tlr``), or
             ``"tensor"``, one α per parameter tensor (``sgd_tlr_pl``).
         statistic: ``"gradient"`` sums g + λ·w (default), ``"direction"`` sums the
@@ -325,12 +326,23 @@ class TLR(Optimizer):
             unsharded run's. Every rank must call ``step()`` at the same steps. PyTorch
             path only.
 
-    Where α lives: with scope ``"group"``, ``group["lr"]`` is the group's live α, a 0-dim
-    float32 tensor on the parameters' device updated in place (``float(group["lr"])``
-    reads it). With scope ``"tensor"``, each tensor's α is ``optimizer.state[p]["alpha"]``
-    and ``group["lr"]`` is the α a tensor starts from. ``group["step"]`` counts steps
-    (an int on the PyTorch path, an int64 device tensor on the Triton path, where the
-    step counter and the closing decision live on the device for CUDA graphs).
+    Where α lives: with scope ``"group"``, ``group["alpha"]`` is the group's trained α, a
+    0-dim float32 tensor on the parameters' device updated in place
+    (``float(group["alpha"])`` reads it). With scope ``"tensor"``, each tensor's α is
+    ``optimizer.state[p]["alpha"]`` and ``group["alpha"]`` is the α a tensor starts from.
+    ``group["lr"]`` is the schedule channel: a number TLR never writes, starting at the
+    initial α (``group["initial_lr"]``); a step moves the weights by
+    α · lr / initial_lr · d, so a learning-rate scheduler's factor multiplies the trained
+    α. ``group["step"]`` counts steps (an int on the PyTorch path, an int64 device tensor
+    on the Triton path, where the step counter and the closing decision live on the
+    device for CUDA graphs).
+
+    The adaptive window's blow-up guard (``blowup_ratio``, default 16; None: off): at the
+    end of every W0-step unit that does not close the window, if ‖A‖² per unit of the
+    window so far exceeds ``blowup_ratio`` times the larger of the last two closed
+    windows' (per unit), the window closes after this step's move, k becomes 1 and every
+    α's factor is at most 1/(1 + √q), q that ratio. Decided on the device (on the CPU,
+    where reading is free, on the host).
 
     Parameters whose ``grad`` is None are skipped: their state is untouched, they add
     nothing to the window statistics, and a window closing without them leaves their
@@ -345,7 +357,7 @@ class TLR(Optimizer):
         ...     opt.zero_grad()
         ...     loss_fn(model(x), y).backward()
         ...     opt.step()
-        >>> float(opt.param_groups[0]["lr"])   # the current α
+        >>> float(opt.param_groups[0]["alpha"])   # the trained α
     """
 
     def __init__(

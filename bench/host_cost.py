@@ -1,0 +1,148 @@
+"""Host cost of one step: the Python and dispatch work around the kernels, with the kernels mocked.
+
+    python bench/host_cost.py                # all layouts
+    python bench/host_cost.py --layout gpt2  # one
+
+On a GPU the step of an optimizer is launched asynchronously, so what the host spends per
+``step()`` is a floor under the step time that no kernel can remove (and, with small or
+many tensors, often the step time itself). This measures it on any machine: the tensors
+live on the CPU and every kernel is replaced by a no-op, so only the host work remains —
+
+- TLR's Triton path (``backend="triton"``, default configuration: momentum 0.9, weight
+  decay, the adaptive window): its four launches are no-ops; "launcher" is the part spent
+  in ``tlr_triton_step`` (tables, memo, launch arguments), "memo miss" a step whose
+  address tables must be rebuilt (every address changed);
+- ``torch.optim.SGD(momentum=0.9, fused=True)``: ``torch._fused_sgd_`` is a no-op;
+- ``torch.optim.SGD(momentum=0.9, foreach=True)``: its ``torch._foreach_*`` ops are no-ops.
+
+Layouts: one tensor of 10M elements, GPT-2 small's 148 tensors (124M parameters), 2000
+tensors of 16k. Median of 7 rounds, µs per step; ratios to SGD fused measured in the same
+run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensors; no kernel runs here
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tlr_triton import TLR  # noqa: E402
+
+
+def gpt2_small() -> list[tuple[int, ...]]:
+    """GPT-2 small's parameter shapes, in its module order (148 tensors)."""
+    d, blocks = 768, []
+    for _ in range(12):
+        blocks += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(50257, d), (1024, d)] + blocks + [(d,), (d,)]
+
+
+LAYOUTS = {"1x10M": lambda: [(10_000_000,)], "gpt2": gpt2_small, "2000x16k": lambda: [(16_384,)] * 2000}
+
+
+class _NoLaunch:
+    """Stands for a @triton.jit kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def mocked_kernels():
+    from tlr_triton.kernels import launch, tlr_step
+
+    names = ("tlr_step_kernel", "tlr_window_kernel", "tlr_alpha_kernel", "tlr_move_kernel")
+    foreach = ("_foreach_add", "_foreach_add_", "_foreach_mul_", "_foreach_mul", "_foreach_addcmul_", "_foreach_neg")
+
+    def identity(tensors, *args, **kwargs):
+        return list(tensors)
+
+    spent = [0.0]
+    real_step = launch.tlr_triton_step
+
+    def timed_step(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    with mock.patch.multiple(tlr_step, **{n: _NoLaunch() for n in names}), \
+            mock.patch.object(launch, "tlr_triton_step", timed_step), \
+            mock.patch.object(torch, "_fused_sgd_", lambda *a, **k: None), \
+            mock.patch.multiple(torch, **{n: identity for n in foreach}):
+        yield spent
+
+
+def params_for(shapes):
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    return ps
+
+
+def per_step(step, steps: int, rounds: int = 7, before=None) -> float:
+    """Median µs per call of ``step`` over ``rounds`` rounds of ``steps`` calls."""
+    step()  # first step: state is created
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            if before is not None:
+                before()
+            step()
+        times.append((time.perf_counter() - t) / steps * 1e6)
+    return statistics.median(times)
+
+
+def measure(layout: str) -> dict[str, float]:
+    from tlr_triton.kernels import launch
+
+    shapes = LAYOUTS[layout]()
+    steps = 48 if len(shapes) < 500 else 12
+    out = {}
+    with mocked_kernels() as spent:
+        sgd = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
+        out["SGD fused"] = per_step(sgd.step, steps)
+        del sgd
+        sgd = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+        out["SGD foreach"] = per_step(sgd.step, steps)
+        del sgd
+        tlr = TLR(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, backend="triton")
+        tlr.step()
+        spent[0], calls = 0.0, steps * 7
+        out["TLR step()"] = per_step(tlr.step, steps)
+        out["of it the launcher"] = spent[0] / (calls + 1) * 1e6  # per_step calls step() once more first
+        out["TLR, memo miss"] = per_step(tlr.step, max(2, steps // 4), before=launch.tables.entries.clear)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layout", choices=list(LAYOUTS), nargs="+", default=list(LAYOUTS))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(f"Host cost per step, µs (kernels mocked), {date.today()}, {platform.machine()}, torch {torch.__version__}")
+    cols = ["TLR step()", "of it the launcher", "TLR, memo miss", "SGD fused", "SGD foreach"]
+    print("| layout | " + " | ".join(cols) + " | TLR / SGD fused | miss / hit |")
+    print("|---|" + "---:|" * (len(cols) + 2))
+    for layout in args.layout:
+        r = measure(layout)
+        print(f"| {layout} | " + " | ".join(f"{r[c]:.0f}" for c in cols)
+              + f" | {r['TLR step()'] / r['SGD fused']:.2f}x | {r['TLR, memo miss'] / r['TLR step()']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
