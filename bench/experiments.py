@@ -1,6 +1,6 @@
 """The paper's experiments at small scale, on data that ships inside packages.
 
-    python bench/experiments.py                  # default configuration (a few minutes on 2 cores)
+    python bench/experiments.py                  # default configuration (about 12 min on 2 cores)
     python bench/experiments.py --full           # every experiment, every task, 3 seeds
     python bench/experiments.py --only robustness --task digits
     python bench/experiments.py --plot-only      # re-plot and re-tabulate from the JSON files

@@ -52,3 +52,27 @@ def test_summary_survives_diverged_runs():
             for s, v in enumerate([float("nan"), 0.5, float("inf")])}
     (row,) = experiments.summarise("digits", runs)
     assert row["diverged"] == 2 and math.isnan(row["loss"][0])
+
+
+def test_host_cost_mocks_every_kernel(monkeypatch):
+    """bench/host_cost.py: with its mocks in place no kernel runs (the weights stay put), and every column is measured."""
+    pytest.importorskip("triton")
+    import torch
+
+    host_cost = pytest.importorskip("bench.host_cost")
+    with host_cost.mocked_kernels():
+        params = host_cost.params_for([(100,), (7, 3)])
+        for p in params:
+            p.grad.fill_(1.0)
+        opt = host_cost.TLR(params, lr=0.1, momentum=0.9, weight_decay=5e-4, backend="triton")
+        sgd = torch.optim.SGD(host_cost.params_for([(5,)]), lr=0.1, momentum=0.9, foreach=True)
+        for p in sgd.param_groups[0]["params"]:
+            p.grad.fill_(1.0)
+        for _ in range(4):
+            opt.step()
+            sgd.step()
+    assert all(bool((p == 0).all()) for p in params + sgd.param_groups[0]["params"])
+    monkeypatch.setitem(host_cost.LAYOUTS, "tiny", lambda: [(64,)] * 3)
+    result = host_cost.measure("tiny")
+    assert set(result) == {"SGD fused", "SGD foreach", "TLR step()", "of it the launcher", "TLR, memo miss"}
+    assert all(0 < v < 1e6 for v in result.values())
