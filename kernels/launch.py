@@ -139,10 +139,10 @@ def tlr_triton_step(
     part_offsets, nblks, alpha_ptrs = [], [], []
     copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
     total = 0
+    snapshots = snapshots_allowed(lr_factor, units, blowup_ratio)
     for idx in buckets:
         dtype = params[idx[0]].dtype
-        snap = window_representation("triton", dtype, statistic, momentum,
-                                     snapshots_allowed(lr_factor, units, blowup_ratio)) == "window_start"
+        snap = window_representation("triton", dtype, statistic, momentum, snapshots) == "window_start"
         work_p, work_g, firsts = [], [], []
         for i in idx:
             p = params[i]

@@ -408,15 +408,16 @@ def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, sh
     return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq
 
 
-def _close_window(statistics, window_sums, prev_window_sums, bound) -> None:
-    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖² (``_window_statistics``), then P ← A and A ← 0.
+def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor | None = None) -> None:
+    """Update every α-scope's α from ⟨A, P⟩ and ‖A‖² (``_window_statistics``; its factor at
+    most ``cut``, the blow-up guard's), then P ← A and A ← 0.
 
     The last part swaps the two lists' entries (the old P, zeroed, becomes the new A)
     instead of copying A into P: the caller stores the lists back into its state.
     """
     scopes, _, _ = statistics
     for a, dots, sqs in scopes:
-        _update_alphas(a, dots, sqs, bound)
+        _update_alphas(a, dots, sqs, bound, cut=cut)
     if prev_window_sums:
         torch._foreach_zero_(prev_window_sums)
     window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
@@ -475,14 +476,10 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
             return [], []
 
         def close():
-            for a, dots, sqs in scopes:
-                _update_alphas(a, dots, sqs, bound, cut=cut)
+            _close_window((scopes, dot, sq), window_sums, prev_window_sums, bound, cut)
             window_state.copy_(closed_state)
             if closed_energy is not None:
                 window_energy.copy_(closed_energy)
-            if prev_window_sums:
-                torch._foreach_zero_(prev_window_sums)
-            window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
 
         return ([close], []) if closes_now else ([], [close])
 
