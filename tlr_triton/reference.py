@@ -150,8 +150,8 @@ class ReferenceTLR(Optimizer):
         for tensors in scopes:
             dot = _sum_of(self.state, tensors, "window_sum", "prev_window_sum")
             sq = _sum_of(self.state, tensors, "window_sum", "window_sum")
-            holder, key = (group, "alpha") if group["scope"] == "group" else (self.state[tensors[0]], "alpha")
-            holder[key] = next_alpha(holder[key], dot, sq, group["bound"], cut)
+            holder = group if group["scope"] == "group" else self.state[tensors[0]]
+            holder["alpha"] = next_alpha(holder["alpha"], dot, sq, group["bound"], cut)
         for p in live:
             st = self.state[p]
             st["prev_window_sum"] = st["window_sum"]
