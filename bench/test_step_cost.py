@@ -21,20 +21,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.models import CharTransformer, mlp  # noqa: E402
+from bench.step_cost import LAYOUTS, grown as _grown  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-LAYOUTS = {
-    "1x10M": lambda: [(10_000_000,)],
-    "1000x10k": lambda: [(10_000,)] * 1000,
-    "mlp": lambda: [tuple(p.shape) for p in mlp(784).parameters()],
-    "transformer": lambda: [tuple(p.shape) for p in CharTransformer(96, dim=256, layers=4, context=128).parameters()],
-}
 
 OPTIMIZERS = {
     "sgd-forloop": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=False), 1),
@@ -59,15 +52,6 @@ if DEVICE == "cuda":  # the Triton path needs a GPU to be timed (the interpreter
     OPTIMIZERS["tlr-triton-auto"] = (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton"), 3)
     OPTIMIZERS["tlr-triton-auto (48-step windows)"] = (lambda ps: _grown(TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                                                              backend="triton")), 48)
-
-
-def _grown(opt):
-    """The adaptive window at its longest (k = 16 units of 3 steps), kept there: constant
-    gradients would make every Newton step large and reset it."""
-    for group in opt.param_groups:
-        group["window_reset"] = 1e30
-        group["window_state"] = torch.tensor([0, 16])
-    return opt
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))

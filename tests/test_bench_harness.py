@@ -89,3 +89,11 @@ def test_window_sum_reconstruction_matches_accumulation(monkeypatch):
     assert len(acc["alphas"]) == len(rec["alphas"]) >= 5
     assert acc["alphas"][1] != acc["alphas"][0]  # α really moved, so the check below means something
     assert max(abs(a - b) / a for a, b in zip(acc["alphas"], rec["alphas"])) < 1e-4
+
+
+def test_step_cost_times_every_optimizer_in_turn():
+    from bench import step_cost
+
+    ms = step_cost.measure("mlp", rounds=2, budget_s=60.0)
+    assert list(ms) == list(step_cost.OPTIMIZERS)
+    assert all(0 < v < 1e4 for v in ms.values())

@@ -242,3 +242,55 @@ def test_alpha_is_float32_whatever_the_default_dtype():
         assert opt.state[params[0]]["alpha"].dtype == torch.float32
     finally:
         torch.set_default_dtype(old)
+
+
+class _NoPlans(TLR):
+    """TLR gathering its lists afresh at every step (the step plan never reused)."""
+
+    def step(self, closure=None):
+        self._plans.clear()
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("cfg", [dict(lr=0.05, momentum=0.9, weight_decay=1e-2),  # the default adaptive window
+                                 dict(lr=0.05, momentum=0.9, window=3, scope="tensor")])
+def test_step_plan_is_rebuilt_by_whatever_it_depends_on(cfg):
+    """A step reuses the lists the previous one gathered (no _init_group) only while nothing
+    they came from changed; every change below sends it back, and the run stays bit-identical
+    to one that gathers afresh at every step."""
+    params = make_params(dtype=torch.float32)
+    other = twin(params)
+    opt, ref = TLR(params, **cfg), _NoPlans(other, **cfg)
+    gathers = []
+    original = TLR._init_group
+
+    def counting(self, *args, **kwargs):
+        gathers.append(self)
+        return original(self, *args, **kwargs)
+
+    events = {
+        3: lambda o, ps: None,                                                     # nothing: the plan serves
+        5: "skip",                                                                 # a gradient missing, then back
+        8: lambda o, ps: o.state[ps[0]].__setitem__("momentum_buffer", torch.zeros_like(ps[0])),  # a hand edit
+        10: lambda o, ps: o.load_state_dict(o.state_dict()),                       # state replaced
+        12: lambda o, ps: o.param_groups[0].__setitem__("statistic", "direction"),  # hyper-parameters change
+        14: lambda o, ps: o.state.__setitem__(ps[1], {}),                          # a state entry dropped
+        16: lambda o, ps: o.state.pop(o.param_groups[0]["params"].pop(), None),    # the group shrinks
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TLR, "_init_group", counting)
+        for t in range(20):
+            event = events.get(t)
+            if callable(event):
+                for o, ps in ((opt, params), (ref, other)):
+                    event(o, ps)
+            torch.manual_seed(1000 + t)
+            set_grads([params, other], t, skip=(2,) if event == "skip" else ())
+            before = sum(o is opt for o in gathers)
+            opt.step()
+            ref.step()
+            rebuilt = sum(o is opt for o in gathers) > before
+            assert rebuilt == (t == 0 or event is not None and t != 3 or events.get(t - 1) == "skip"), t
+            for p, q in zip(params, other):
+                assert torch.equal(p, q), t
+    assert_same_state(opt, ref)

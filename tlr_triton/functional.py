@@ -17,6 +17,7 @@ factor stay tensors, so a step never synchronises with the device.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -160,20 +161,31 @@ def _momentum(u, fresh, bufs, *, momentum, dampening, nesterov) -> list[Tensor]:
 def _fused_ok(params: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether torch's fused SGD kernel can move this bucket.
 
-    Only on CUDA, for contiguous fp32/fp64 tensors, and not under torch.compile (which
-    traces the foreach path and fuses it itself). Measured with torch 2.13 on CPU: the
-    fused kernel takes 8 s per step instead of 30 ms (1000 tensors of 10k) when another
-    multi-threaded process shares the cores, and it writes non-contiguous parameters as
-    if they were contiguous and gives wrong bf16/fp16 updates.
+    For contiguous fp32/fp64 tensors on CUDA or the CPU, and not under torch.compile
+    (which traces the foreach path and fuses it itself). torch's CPU kernel writes
+    non-contiguous parameters as if they were contiguous and gives wrong bf16/fp16
+    updates (torch 2.13), hence the checks.
     """
     p = params[0]
     return (
         not torch.compiler.is_compiling()  # _fused_sgd_ with a tensor lr has no fake kernel to trace
-        and p.device.type == "cuda"
+        and p.device.type in ("cuda", "cpu")
         and p.dtype in (torch.float32, torch.float64)
         and all(t.is_contiguous() for t in params)
         and all(g.is_contiguous() and g.dtype == p.dtype for g in grads)
     )
+
+
+# torch's grain size (at::internal::GRAIN_SIZE): its CPU ops split a tensor over threads
+# only from this many elements on.
+_GRAIN = 32768
+
+
+@functools.cache
+def _threads_per_call() -> bool:
+    """Whether torch.set_num_threads around one call is cheap and local: the OpenMP backend
+    (its thread count is per calling thread); torch's native pool warns and ignores it."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _buckets(params: list[Tensor]) -> list[list[int]]:
@@ -213,6 +225,7 @@ def tlr(
     found_inf: Tensor | None = None,
     shard_group=None,
     sharded_tensors: bool = False,
+    buckets: list[list[int]] | None = None,
 ) -> None:
     """One TLR step for the tensors of one parameter group (see the module docstring).
 
@@ -258,6 +271,8 @@ def tlr(
         sharded_tensors: every tensor is split over ``shard_group`` (DTensor shards, in
             the same order on every rank): with scope "tensor" each tensor's statistics
             are summed too, in the same all-reduce.
+        buckets: the indices of the tensors of each (device, dtype), as ``_buckets(params)``
+            gives them (a caller that keeps them between steps saves a pass over params).
     """
     if scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
@@ -299,7 +314,7 @@ def tlr(
             blowup_ratio=blowup_ratio, window_energy=window_energy,
             momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope, lr_factor=lr_factor,
-            buckets=_buckets(params),
+            buckets=_buckets(params) if buckets is None else buckets,
             grad_scale=grad_scale, found_inf=found_inf,
         )
     if shard_group is not None and backend != "torch":
@@ -317,7 +332,8 @@ def tlr(
     sums_u = statistic == "gradient" or momentum == 0  # A sums u, known before momentum
     movers = []  # weight updates, run after α has been updated
 
-    buckets = _buckets(params)
+    if buckets is None:
+        buckets = _buckets(params)
     for idx in buckets:
         b_params = [params[i] for i in idx]
         b_grads = [grads[i] for i in idx]
@@ -429,7 +445,7 @@ def _square_total(window_sums: list[Tensor]) -> float:
         return 0.0
     if torch.compiler.is_compiling() or not hasattr(torch, "_foreach_powsum"):
         return float(sum(float(a.square().sum()) for a in window_sums))
-    return float(sum(float(x) for x in torch._foreach_powsum(window_sums, 2)))
+    return float(torch.stack(torch._foreach_powsum(window_sums, 2)).sum())  # one read, not one per tensor
 
 
 def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound, window_state, units, window_reset,
@@ -513,25 +529,42 @@ def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, lr_factor, k
             momentum_buffers[idx[j]] = bufs[j]
         old = sorted(set(range(len(params))) - set(fresh))
         parts = [(fresh, True), (old, False)]
+    if params[0].device.type == "cpu" and _threads_per_call():
+        # torch's CPU kernel splits every tensor over the threads, however small (grain 0):
+        # one barrier per tensor, which costs a scheduler time slice each when other
+        # processes share the cores (1000 tensors of 10k: seconds per step, against
+        # 30 ms on one thread). Below torch's own grain size, where its foreach ops stay
+        # on one thread, these tensors are moved on one thread too.
+        parts = [([j for j in js if (params[j].numel() < _GRAIN) == (threads == 1)], first, threads)
+                 for js, first in parts for threads in (1, None)]
+    else:
+        parts = [(js, first, None) for js, first in parts]
 
     def move():
         # α after its update; times a schedule's factor in the weights' precision (fp64 weights: no fp32 rounding)
         lr = alpha if isinstance(lr_factor, float) and lr_factor == 1.0 else alpha.to(params[0].dtype) * lr_factor
-        for js, first in parts:
+        for js, first, threads in parts:
             if not js:
                 continue
-            torch._fused_sgd_(
-                [params[j] for j in js],
-                [grads[j] for j in js],
-                [bufs[j] for j in js] if momentum != 0 else [],
-                weight_decay=wd,
-                momentum=momentum,
-                lr=lr,
-                dampening=kw["dampening"],
-                nesterov=kw["nesterov"],
-                maximize=kw["maximize"],
-                is_first_step=first,
-            )
+            before = torch.get_num_threads()
+            if threads is not None:
+                torch.set_num_threads(threads)
+            try:
+                torch._fused_sgd_(
+                    [params[j] for j in js],
+                    [grads[j] for j in js],
+                    [bufs[j] for j in js] if momentum != 0 else [],
+                    weight_decay=wd,
+                    momentum=momentum,
+                    lr=lr,
+                    dampening=kw["dampening"],
+                    nesterov=kw["nesterov"],
+                    maximize=kw["maximize"],
+                    is_first_step=first,
+                )
+            finally:
+                if threads is not None:
+                    torch.set_num_threads(before)
 
     return move
 

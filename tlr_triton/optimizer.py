@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import os
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -263,6 +265,42 @@ def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: group[k] for k in keys}
 
 
+class _StepPlan:
+    """What a group's step gathered (``TLR._init_group``), kept for its next step.
+
+    Gathering a group's tensors and state costs a few dict lookups per tensor; for a
+    thousand tensors that is more than the step's arithmetic on a small model. A plan is
+    reused while ``fits`` holds: the same parameters with the same gradients present, the
+    same backend, device and window representation, and every state entry still the
+    tensor the plan holds (anything that replaced one — ``load_state_dict``, a hand edit
+    — sends the step back to ``_init_group``). The lists are the ones the functional core
+    updates in place, so they stay current from step to step.
+    """
+
+    def __init__(self, state, group, grads_all, key, owners, params, bufs, sums, prevs, alphas, keys):
+        self.group = group
+        self.all_params = list(group["params"])
+        self.present = [g is not None for g in grads_all]
+        self.index = [i for i, (p, g) in enumerate(zip(self.all_params, grads_all)) if g is not None and p.numel() > 0]
+        self.key = key
+        self.owners, self.states = owners, [state[p] for p in owners]
+        self.params, self.bufs, self.sums, self.prevs, self.alphas, self.keys = params, bufs, sums, prevs, alphas, keys
+        self.buckets = functional._buckets(params)
+
+    def fits(self, state, group, grads_all, key) -> bool:
+        is_ = operator.is_
+        return (
+            key == self.key
+            and [g is not None for g in grads_all] == self.present
+            and all(map(is_, map(state.get, self.owners), self.states))
+            and all(map(is_, map(dict.get, self.states, self.keys), self.sums))
+            and all(map(is_, map(dict.get, self.states, repeat("prev_window_sum")), self.prevs))
+            and all(map(is_, map(dict.get, self.states, repeat("momentum_buffer")), self.bufs))
+            and (all(map(is_, map(dict.get, self.states, repeat("alpha")), self.alphas)) if group["scope"] == "tensor"
+                 else self.alphas[0] is group["alpha"])
+        )
+
+
 class TLR(Optimizer):
     r"""SGD whose learning rate α is trained by a Newton step on the line-search loss.
 
@@ -406,6 +444,7 @@ class TLR(Optimizer):
         self._shard_group = shard_group
         self._shard_group_lost = False
         self._validated: dict[int, tuple] = {}  # id(group) → the hyper-parameters last validated
+        self._plans: dict[int, _StepPlan] = {}  # id(group) → the lists its last step gathered
 
     @property
     def shard_group(self):
@@ -488,6 +527,7 @@ class TLR(Optimizer):
         self._shard_group = None
         self._shard_group_lost = lost
         self._validated = {}
+        self._plans = {}
         # Fill in entries added after a checkpoint was written, so older dicts still load.
         defaults = dict(bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
                         blowup_ratio=DEFAULT_BLOWUP_RATIO, scope="group", statistic="gradient", maximize=False,
@@ -549,11 +589,13 @@ class TLR(Optimizer):
             group["window_energy"] = self._window_energy(group.get("window_energy"), device)
 
     # ------------------------------------------------------------------ step
-    def _check_group(self, index: int, group: dict[str, Any]) -> tuple[float | Tensor, torch.device | None, bool]:
+    def _check_group(self, index: int, group: dict[str, Any]):
         """Everything step() can reject, checked before any tensor is modified.
 
         Returns the schedule factor, the device of the group's first tensor with a gradient
-        (None: nothing to update) and whether the group holds DTensors. Hyper-parameters
+        (None: nothing to update), whether the group holds DTensors, every parameter's
+        ``grad`` (None included) and the group's step plan when its parameters are those
+        the plan was built for (else None; ``_StepPlan.fits`` checks the rest). Hyper-parameters
         are validated when they change. Values on the CPU are read (that costs no
         synchronisation): a tensor lr, and α set by hand (``group["alpha"].fill_(...)``),
         which must stay > 0. On a GPU they are not.
@@ -577,17 +619,19 @@ class TLR(Optimizer):
         if self._validated.get(id(group)) != signature:
             check_hyperparameters(**hyper)
             self._validated[id(group)] = signature
-        devices, first, dtensor = set(), None, False
-        for i, p in enumerate(group["params"]):
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
-            devices.add(p.device)
-            if first is None and p.numel() > 0:
-                first = p.device
-            dtensor = dtensor or hasattr(p, "device_mesh")
+        params = group["params"]
+        grads = [p.grad for p in params]
+        with_grad = [p for p, g in zip(params, grads) if g is not None]
+        if any(g.is_sparse for g in grads if g is not None):
+            i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
+            raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
+        devices = {p.device for p in with_grad}
+        first = next((p.device for p in with_grad if p.numel() > 0), None)
+        plan = None if torch.compiler.is_compiling() else self._plans.get(id(group))
+        if not (plan is not None and plan.group is group and len(params) == len(plan.all_params)
+                and all(map(operator.is_, params, plan.all_params))):
+            plan = None  # the group's parameters changed (or no step gathered them yet)
+        dtensor = plan is None and any(hasattr(p, "device_mesh") for p in with_grad)  # planned groups hold none
         if group["scope"] == "group" and len(devices) > 1:
             raise RuntimeError(
                 f"scope='group' shares one α across group {index}, but its parameters are on several devices "
@@ -595,18 +639,10 @@ class TLR(Optimizer):
             )
         for device in devices:
             _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
-        return factor, first, dtensor
+        return factor, first, dtensor, grads, plan
 
-    def _init_group(self, group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas, keys,
-                    owners) -> None:
-        """Gather the tensors with a gradient into the given lists; create (or convert) their state lazily.
-
-        torch's convention (lists filled in place, nothing returned): torch.compile runs
-        a method of this name eagerly instead of tracing it. ``params``/``grads`` get a
-        DTensor's local shard, ``owners`` the parameter itself (the state's key), ``keys``
-        the state key of its window sum. ``snapshots``: whether a window snapshot may stand
-        for the window sum (``functional.window_representation``).
-        """
+    def _group_tensors(self, group, backend, device) -> Tensor:
+        """Put the group's α, step counter and window state where this step runs; returns α."""
         lr = group["alpha"]
         if not (isinstance(lr, Tensor) and lr.device == device and lr.dtype == torch.float32 and lr.dim() == 0):
             group["alpha"] = lr = self._alpha_tensor(lr, device)  # a float set by hand, or parameters moved
@@ -621,6 +657,19 @@ class TLR(Optimizer):
         we = group["window_energy"]
         if not (isinstance(we, Tensor) and we.device == device and we.dtype == torch.float64):
             group["window_energy"] = self._window_energy(we, device)
+        return lr
+
+    def _init_group(self, group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas, keys,
+                    owners) -> None:
+        """Gather the tensors with a gradient into the given lists; create (or convert) their state lazily.
+
+        torch's convention (lists filled in place, nothing returned): torch.compile runs
+        a method of this name eagerly instead of tracing it. ``params``/``grads`` get a
+        DTensor's local shard, ``owners`` the parameter itself (the state's key), ``keys``
+        the state key of its window sum. ``snapshots``: whether a window snapshot may stand
+        for the window sum (``functional.window_representation``).
+        """
+        lr = self._group_tensors(group, backend, device)
 
         keys_by_dtype: dict[torch.dtype, str] = {}
         for p in group["params"]:
@@ -681,7 +730,7 @@ class TLR(Optimizer):
             )
         checked = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, (group, (factor, device, dtensor)) in enumerate(zip(self.param_groups, checked)):
+        for index, (group, (factor, device, dtensor, grads_all, plan)) in enumerate(zip(self.param_groups, checked)):
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
             mesh_group = _dtensor_group(group, index) if dtensor else None
             if mesh_group is not None and self._shard_group is not None:
@@ -702,13 +751,24 @@ class TLR(Optimizer):
                 else:
                     group["step"] += 1
                 continue
-            params, grads, bufs, sums, prev_sums, alphas, keys, owners = [], [], [], [], [], [], [], []
             w0, units = window_schedule(group["window"], group["max_window"])
             snapshots = functional.snapshots_allowed(factor, units, group["blowup_ratio"])
             if isinstance(factor, Tensor):
                 factor = factor.to(device=device, dtype=torch.float32)
-            self._init_group(group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas, keys,
-                             owners)
+            key = (backend, device, snapshots, group["statistic"], group["momentum"], group["scope"])
+            if plan is not None:
+                self._group_tensors(group, backend, device)
+                if not plan.fits(self.state, group, grads_all, key):
+                    plan = None
+            if plan is not None:
+                params, bufs, sums, prev_sums, alphas, keys, owners = (
+                    plan.params, plan.bufs, plan.sums, plan.prevs, plan.alphas, plan.keys, plan.owners)
+                grads, buckets, states = [grads_all[i] for i in plan.index], plan.buckets, plan.states
+            else:
+                params, grads, bufs, sums, prev_sums, alphas, keys, owners = [], [], [], [], [], [], [], []
+                self._init_group(group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas,
+                                 keys, owners)
+                buckets, states = None, [self.state[p] for p in owners]
             tlr(
                 params,
                 grads,
@@ -737,12 +797,15 @@ class TLR(Optimizer):
                 found_inf=found_inf if backend == "triton" else None,
                 shard_group=shard_group,
                 sharded_tensors=mesh_group is not None,
+                buckets=buckets,
             )
-            for p, b, a, prev, key in zip(owners, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
-                state = self.state[p]
-                state[key], state["prev_window_sum"] = a, prev
+            for state, b, a, prev, k in zip(states, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
+                state[k], state["prev_window_sum"] = a, prev
                 if b is not None:
                     state["momentum_buffer"] = b
+            if plan is None and not dtensor and not torch.compiler.is_compiling():
+                self._plans[id(group)] = _StepPlan(self.state, group, grads_all, key, owners, params, bufs, sums,
+                                                   prev_sums, alphas, keys)
             if backend == "torch":
                 group["step"] += 1  # the Triton path advances its device counter itself
         return loss

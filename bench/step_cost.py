@@ -1,0 +1,140 @@
+"""Step cost of TLR's PyTorch path against torch.optim.SGD, interleaved, idle and under load.
+
+    python bench/step_cost.py                  # idle machine: bench/results/step_cost.md
+    python bench/step_cost.py --load 3         # with 3 busy processes sharing the cores
+    python bench/step_cost.py --layout mlp     # one layout
+
+Every optimizer has momentum 0.9 and weight decay 5e-4. The optimizers take turns, one
+round each, so a drift of the machine (frequency, other tenants) hits them alike; the
+figure is the median over rounds of the time per step, and the ratio is to
+``SGD(foreach=True)`` of the same rounds. TLR runs at its defaults (``window="auto"``)
+twice: grown to its longest window, 48 steps (16 three-step units; every unit end tests
+the blow-up guard, one closes), timed over whole windows — where a long run spends
+its time — and with every unit closing its window (the benchmark's constant gradients
+would keep it there), its worst case. ``--load N`` starts N processes that multiply
+matrices on all cores (as data-loader workers would) for the whole measurement.
+
+``pytest bench/ --benchmark-only`` (bench/test_step_cost.py) times more variants with
+pytest-benchmark, one optimizer after the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.models import CharTransformer, mlp  # noqa: E402
+from tlr_triton import TLR  # noqa: E402
+
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
+LAYOUTS = {
+    "1x10M": lambda: [(10_000_000,)],
+    "1000x10k": lambda: [(10_000,)] * 1000,
+    "mlp": lambda: [tuple(p.shape) for p in mlp(784).parameters()],
+    "transformer": lambda: [tuple(p.shape) for p in CharTransformer(96, dim=256, layers=4, context=128).parameters()],
+}
+
+
+def grown(opt: TLR) -> TLR:
+    """The adaptive window at its longest (k = 16 units of 3 steps), kept there: constant
+    gradients would make every Newton step large and reset it."""
+    for group in opt.param_groups:
+        group["window_reset"] = 1e30
+        group["window_state"] = torch.tensor([0, 16])
+    return opt
+
+
+# name → (build, steps per round: a whole number of windows)
+OPTIMIZERS = {
+    "SGD foreach": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True), 3),
+    "SGD fused": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True), 3),
+    "TLR default, 48-step windows": (lambda ps: grown(TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)), 48),
+    "TLR default, every unit closes": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), 3),
+}
+
+
+def _busy(threads: int) -> None:  # a load process: matrix products on every core, until killed
+    torch.set_num_threads(threads)
+    a = torch.randn(512, 512)
+    while True:
+        a = torch.tanh(a @ a)
+
+
+def measure(layout: str, rounds: int, budget_s: float) -> dict[str, float]:
+    """Median ms per step of every optimizer, the optimizers taking turns round by round.
+
+    An optimizer whose round takes longer than ``budget_s`` is not timed again (under
+    load, torch's fused CPU kernel can take seconds per step)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = LAYOUTS[layout]()
+    runs = {}
+    for name, (build, steps) in OPTIMIZERS.items():
+        params = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        opt = build(params)
+        for _ in range(steps):  # warm-up: state allocated, first windows closed
+            opt.step()
+        runs[name] = (opt, steps, [])
+    for _ in range(rounds):
+        for name, (opt, steps, times) in runs.items():
+            if times and times[-1] * steps / 1e3 > budget_s:
+                continue
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times.append((time.perf_counter() - start) / steps * 1e3)
+    return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", choices=list(LAYOUTS), action="append")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per layout (default: 5 for the large ones, 30 else)")
+    parser.add_argument("--load", type=int, default=0, help="busy processes sharing the cores while timing")
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds after which an optimizer's rounds stop")
+    parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    args = parser.parse_args()
+
+    load = [multiprocessing.get_context("spawn").Process(target=_busy, args=(torch.get_num_threads(),), daemon=True)
+            for _ in range(args.load)]
+    for proc in load:
+        proc.start()
+    try:
+        if load:
+            time.sleep(2.0)  # the load is running before the first round
+        lines = [
+            f"Step cost, {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"CPU, {args.load} busy processes (`python bench/step_cost.py{f' --load {args.load}' if args.load else ''}`)",
+            "median ms per step over interleaved rounds; ratio to SGD foreach of the same rounds",
+            "",
+            "| layout | " + " | ".join(OPTIMIZERS) + " |",
+            "|---|" + "---:|" * len(OPTIMIZERS),
+        ]
+        print("\n".join(lines), flush=True)
+        for layout in args.layout or list(LAYOUTS):
+            rounds = args.rounds or (5 if layout in ("1x10M", "1000x10k") else 30)
+            ms = measure(layout, rounds, args.budget)
+            base = ms["SGD foreach"]
+            cells = [f"{ms[n]:.3g} ms" if n == "SGD foreach" else f"{ms[n]:.3g} ms ({ms[n] / base:.2f}×)" for n in OPTIMIZERS]
+            lines.append(f"| {layout} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    finally:
+        for proc in load:
+            proc.kill()
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
