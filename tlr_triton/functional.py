@@ -546,8 +546,8 @@ def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, lr_factor, k
         for js, first, threads in parts:
             if not js:
                 continue
-            before = torch.get_num_threads()
             if threads is not None:
+                before = torch.get_num_threads()
                 torch.set_num_threads(threads)
             try:
                 torch._fused_sgd_(

@@ -808,4 +808,7 @@ class TLR(Optimizer):
                                                    prev_sums, alphas, keys)
             if backend == "torch":
                 group["step"] += 1  # the Triton path advances its device counter itself
+        if len(self._plans) > len(self.param_groups):  # a group was removed: drop what its plan holds
+            current = {id(group) for group in self.param_groups}
+            self._plans = {k: plan for k, plan in self._plans.items() if k in current}
         return loss
