@@ -3,7 +3,8 @@
 ``tlr_triton_step`` runs one TLR step for the tensors of one param group: per (device,
 dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_window_kernel`` and one
 ``tlr_alpha_kernel`` for the group, then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
-device value: the closing decision, α and the step counter stay on the device.
+device value: the closing decision and α stay on the device (the caller advances the
+step counter, there too).
 
 Address tables and block maps are a pure function of the tensors' addresses, sizes
 and first-step flags, so they are memoised on exactly that key: they are rebuilt
@@ -18,9 +19,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from tlr_triton.functional import advance_step, snapshots_allowed, state_dtype, window_representation
-
-from . import tlr_step as K
+from . import tlr_step as K  # the package's only import: kernels/ is the leaf of the import graph
 
 BLOCK = 1024   # elements per program of the step and move kernels
 NUM_WARPS = 8  # 4 elements per thread (Triton's default, 4 warps, gave 8 and spilled on sm_90 with Triton 3.6)
@@ -114,6 +113,7 @@ def tlr_triton_step(
     statistic: str,
     scope: str,
     buckets: list[list[int]],
+    snapshots: list[bool],
     lr_factor: float | Tensor = 1.0,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
@@ -124,9 +124,10 @@ def tlr_triton_step(
     New momentum buffers are created for ``None`` entries of ``momentum_buffers``, or,
     when ``first_steps`` is given, every buffer exists and the flags say which are new.
 
-    ``window_sums`` holds S (the window-start weights, parameter dtype) for the buckets
-    where ``window_representation`` says "window_start", else A; ``step`` is the group's
-    int64 step counter on the device, advanced here (not when ``found_inf`` is set).
+    ``buckets`` are the indices of the tensors of each (device, dtype); ``window_sums``
+    holds S (the window-start weights, parameter dtype) for the buckets whose entry of
+    ``snapshots`` is True (the caller's window representation), else A. ``step`` is the
+    group's int64 step counter on the device, read here and advanced by the caller.
     ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
     updated here; windows are k·``window`` steps, 1 <= k <= ``units``. ``blowup_ratio``
     (None: off) and ``window_energy`` (float64 [2], updated here) are the adaptive
@@ -139,10 +140,8 @@ def tlr_triton_step(
     part_offsets, nblks, alpha_ptrs = [], [], []
     copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
     total = 0
-    snapshots = snapshots_allowed(lr_factor, units, blowup_ratio)
-    for idx in buckets:
+    for idx, snap in zip(buckets, snapshots):
         dtype = params[idx[0]].dtype
-        snap = window_representation("triton", dtype, statistic, momentum, snapshots) == "window_start"
         work_p, work_g, firsts = [], [], []
         for i in idx:
             p = params[i]
@@ -155,7 +154,8 @@ def tlr_triton_step(
             if first_steps is not None:
                 firsts.append(int(first_steps[i]))
             elif momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step
-                momentum_buffers[i] = torch.zeros_like(pc, dtype=state_dtype(dtype), memory_format=torch.contiguous_format)
+                momentum_buffers[i] = torch.zeros_like(pc, dtype=prev_window_sums[i].dtype,  # the state dtype
+                                                       memory_format=torch.contiguous_format)
                 firsts.append(1)
             else:
                 firsts.append(0)
@@ -226,7 +226,6 @@ def tlr_triton_step(
             )
     for p, pc in copies:
         p.copy_(pc)
-    advance_step(step, found_inf)
 
 
 def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor, blowup_ratio) -> Tensor:
@@ -263,7 +262,7 @@ class _device_guard:
 # launcher's host work, address tables and memo, stays out of the traced graph).
 @torch.library.custom_op(
     "tlr_triton::triton_step",
-    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step", "window_state",
+    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "window_state",
                   "window_energy"),
 )
 def triton_step_op(
@@ -293,16 +292,18 @@ def triton_step_op(
     lr_factor_tensor: Tensor | None,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    bucket_of: list[int],
+    snapshots: list[bool],
 ) -> None:
-    """``tlr_triton_step`` as a custom op: momentum buffers must exist (empty list without momentum)."""
-    from tlr_triton.functional import _buckets
-
+    """``tlr_triton_step`` as a custom op: momentum buffers must exist (empty list without momentum);
+    ``bucket_of`` gives each tensor's bucket, whose window representation is ``snapshots[bucket]``."""
+    buckets = [[i for i, b in enumerate(bucket_of) if b == k] for k in range(len(snapshots))]
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
     tlr_triton_step(
         params, grads, bufs, window_sums, prev_window_sums, alphas, step=step, window=window, units=units,
         window_reset=window_reset, window_state=window_state, blowup_ratio=blowup_ratio, window_energy=window_energy,
         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=_buckets(params),
+        maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=buckets, snapshots=snapshots,
         lr_factor=lr_factor_tensor if lr_factor_tensor is not None else lr_factor,
         grad_scale=grad_scale, found_inf=found_inf, first_steps=first_steps if momentum != 0 else None,
     )
@@ -311,5 +312,5 @@ def triton_step_op(
 @triton_step_op.register_fake
 def _(params, grads, momentum_buffers, first_steps, window_sums, prev_window_sums, alphas, step, window, units,
       window_reset, window_state, blowup_ratio, window_energy, momentum, dampening, weight_decay, nesterov, maximize,
-      bound, statistic, scope, lr_factor, lr_factor_tensor, grad_scale, found_inf):
+      bound, statistic, scope, lr_factor, lr_factor_tensor, grad_scale, found_inf, bucket_of, snapshots):
     return None

@@ -320,7 +320,7 @@ def test_custom_op_passes_opcheck():
     state = [[torch.zeros_like(p) for p in live] for _ in range(3)]
     args = (live, grads, state[0], [True] * len(live), state[1], state[2], [torch.tensor(0.05)],
             torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 16.0, torch.zeros(2, dtype=torch.float64),
-            0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", 1.0, None, None, None)
+            0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", 1.0, None, None, None, [0] * len(live), [False])
     result = torch.library.opcheck(triton_step_op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 
@@ -416,3 +416,15 @@ def test_blowup_guard_matches_reference(cfg):
              scale_at=lambda t: 30.0 if t >= 27 else 1.0,
              after_step=lambda opt, ref: lengths.append(int(opt.param_groups[0]["window_state"][1])), **cfg)
     assert max(lengths[:27]) >= 3 and lengths[27] == 1, lengths
+
+
+def test_kernels_are_the_leaf_of_the_import_graph():
+    """kernels/ imports nothing from tlr_triton (which imports it lazily on the Triton path)."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not any(n == "tlr_triton" or n.startswith("tlr_triton.") for n in names), (path.name, names)

@@ -292,31 +292,41 @@ def tlr(
             window_energy = torch.zeros(2, dtype=torch.float64, device=step.device)
         if units == 1:  # the guard watches adaptive windows only
             blowup_ratio = None
-        if not params:  # the step counter still advances
-            advance_step(step, found_inf)
-            return
-        if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
-            first = [b is None for b in momentum_buffers]
-            if momentum != 0:
-                for i, b in enumerate(momentum_buffers):
-                    if b is None:
-                        momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
-            factor_tensor = lr_factor if isinstance(lr_factor, Tensor) else None
-            return triton_step_op(
-                params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
-                alphas, step, window, units, window_reset, window_state, blowup_ratio, window_energy, momentum,
-                dampening, weight_decay, nesterov, maximize, bound, statistic, scope,
-                1.0 if factor_tensor is not None else float(lr_factor), factor_tensor, grad_scale, found_inf,
-            )
-        return tlr_triton_step(
-            params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
-            step=step, window=window, units=units, window_reset=window_reset, window_state=window_state,
-            blowup_ratio=blowup_ratio, window_energy=window_energy,
-            momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope, lr_factor=lr_factor,
-            buckets=_buckets(params) if buckets is None else buckets,
-            grad_scale=grad_scale, found_inf=found_inf,
-        )
+        if params:
+            if buckets is None:
+                buckets = _buckets(params)
+            allowed = snapshots_allowed(lr_factor, units, blowup_ratio)
+            snapshots = [window_representation("triton", params[idx[0]].dtype, statistic, momentum, allowed)
+                         == "window_start" for idx in buckets]
+            if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
+                first = [b is None for b in momentum_buffers]
+                if momentum != 0:
+                    for i, b in enumerate(momentum_buffers):
+                        if b is None:
+                            momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
+                factor_tensor = lr_factor if isinstance(lr_factor, Tensor) else None
+                bucket_of = [0] * len(params)
+                for k, idx in enumerate(buckets):
+                    for i in idx:
+                        bucket_of[i] = k
+                triton_step_op(
+                    params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
+                    alphas, step, window, units, window_reset, window_state, blowup_ratio, window_energy, momentum,
+                    dampening, weight_decay, nesterov, maximize, bound, statistic, scope,
+                    1.0 if factor_tensor is not None else float(lr_factor), factor_tensor, grad_scale, found_inf,
+                    bucket_of, snapshots,
+                )
+            else:
+                tlr_triton_step(
+                    params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
+                    step=step, window=window, units=units, window_reset=window_reset, window_state=window_state,
+                    blowup_ratio=blowup_ratio, window_energy=window_energy,
+                    momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
+                    lr_factor=lr_factor, buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
+                )
+        advance_step(step, found_inf)  # also with no tensors: the step still counts
+        return
     if shard_group is not None and backend != "torch":
         raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
     if backend != "torch":
