@@ -390,11 +390,20 @@ def tlr(
             return _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state,
                                       sharded_tensors)
 
+        # On the CPU, one α and no collective: the window's scalars are read and computed on
+        # the host (free there), a few tensor operations instead of some seventy small ones.
+        host = len(alphas) == 1 and shard_group is None and bool(window_sums) and host_reads_free(alphas[0].device)
         if units > 1:
             # ‖A‖² alone (the guard's test) is cheaper where the decision is read on the host
             squares = None if shard_group is not None else (lambda: _square_total(window_sums))
-            before, after = _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound, window_state,
+            if host:
+                before, after = _host_unit_end(squares, window_sums, prev_window_sums, alphas[0], bound, window_state,
                                                units, window_reset, blowup_ratio, window_energy)
+            else:
+                before, after = _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound,
+                                                   window_state, units, window_reset, blowup_ratio, window_energy)
+        elif host:
+            _host_close(window_sums, prev_window_sums, alphas[0], bound, _host_totals(window_sums, prev_window_sums))
         else:
             _close_window(statistics(), window_sums, prev_window_sums, bound)
     for work in before + movers + after:
@@ -456,6 +465,64 @@ def _square_total(window_sums: list[Tensor]) -> float:
     if torch.compiler.is_compiling() or not hasattr(torch, "_foreach_powsum"):
         return float(sum(float(a.square().sum()) for a in window_sums))
     return float(torch.stack(torch._foreach_powsum(window_sums, 2)).sum())  # one read, not one per tensor
+
+
+def _host_totals(window_sums: list[Tensor], prev_window_sums: list[Tensor]) -> tuple[float, float]:
+    """The group's Σ⟨A, P⟩ and Σ‖A‖², read on the host (CPU only): one read for all tensors."""
+    dots = [torch.dot(a.view(-1), p.view(-1)) for a, p in zip(window_sums, prev_window_sums)]
+    squares = list(torch._foreach_powsum(window_sums, 2)) if hasattr(torch, "_foreach_powsum") else \
+        [torch.dot(a.view(-1), a.view(-1)) for a in window_sums]
+    values = torch.stack(dots + squares).tolist()
+    n = len(dots)
+    return math.fsum(values[:n]), math.fsum(values[n:])
+
+
+def _host_factor(dot: float, sq: float, bound: float) -> float:
+    """``newton_factor`` on host floats."""
+    denom = max(4.0 * (sq - dot), dot / bound)
+    r = dot / denom if denom > 0 else 0.0
+    return 1.0 + r if math.isfinite(r) else 1.0
+
+
+def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, totals: tuple[float, float],
+                cut: float = math.inf) -> None:
+    """``_close_window`` for one α on the CPU: α ← α·min(1 + r, cut) when that stays a normal
+    float32 (else α is kept), P ← A, A ← 0."""
+    new = float(alpha) * min(_host_factor(*totals, bound), cut)
+    if math.isfinite(new) and _ALPHA_TINY <= new <= _ALPHA_MAX:
+        alpha.fill_(new)
+    torch._foreach_zero_(prev_window_sums)
+    window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
+
+
+def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_state, units, window_reset,
+                   blowup_ratio, window_energy):
+    """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
+    (the reference's), in float64 instead of the window sums' dtype."""
+    done, k = window_state.tolist()
+    done, k = done + 1, min(k, units)
+    energies = window_energy.tolist()
+    reference = max(energies)
+    guarded = blowup_ratio is not None and reference > 0
+    if done < k and not (guarded and squares() / done > blowup_ratio * reference):
+        window_state[0] = done  # not scheduled and the guard holds: the window stays open
+        return [], []
+    dot, sq = _host_totals(window_sums, prev_window_sums)
+    energy = sq / done
+    jump = guarded and energy > blowup_ratio * reference
+    cut = 1.0 / (1.0 + math.sqrt(energy / reference)) if jump else math.inf
+    large = abs(_host_factor(dot, sq, bound) - 1.0) >= window_reset
+    next_k = 1 if large or jump else min(k + 1, units)
+    if done < k and not jump:  # the guard's test on ‖A‖² alone tripped, the float64 total does not
+        window_state[0] = done
+        return [], []
+
+    def close():
+        _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut)
+        window_state.copy_(torch.tensor([0, next_k]))
+        window_energy.copy_(torch.tensor([energy, energies[0]], dtype=torch.float64))
+
+    return ([close], []) if done >= k else ([], [close])
 
 
 def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound, window_state, units, window_reset,
