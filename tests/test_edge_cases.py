@@ -195,44 +195,44 @@ def test_group_lr_set_by_hand_scales_the_trained_alpha():
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
-@pytest.mark.skipif(not torch.__config__.parallel_info().count("parallel backend: OpenMP"), reason="OpenMP backend only")
-def test_cpu_fused_move_runs_small_tensors_on_one_thread_and_restores_the_count(monkeypatch):
+def test_cpu_fused_move_takes_only_tensors_above_torchs_grain(monkeypatch):
     """On the CPU the weights move with torch's fused SGD kernel, which splits even a tiny
     tensor over the threads (a barrier per tensor: seconds per step when the cores are
-    shared). Tensors below torch's grain size are moved on one thread, larger ones on all;
-    the thread count is restored afterwards, also when the kernel fails."""
+    shared). Tensors below torch's grain size take the foreach path instead, whose ops keep
+    them on one thread; both agree with torch's SGD while α is constant."""
     real = torch._fused_sgd_
     calls = []
 
     def recording(params, *args, **kwargs):
-        calls.append((torch.get_num_threads(), sorted(p.numel() for p in params)))
+        calls.append(sorted(p.numel() for p in params))
         return real(params, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_fused_sgd_", recording)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        params = [torch.randn(s, requires_grad=True) for s in (10, 40_000, 3000)]
-        other = [p.detach().clone().requires_grad_() for p in params]
-        opt = TLR(params, lr=0.1, momentum=0.9, weight_decay=1e-3, window=3)  # α constant in the first window
-        sgd = torch.optim.SGD(other, lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=True)
-        for _ in range(2):  # the first step starts the momentum buffers
-            for p, q in zip(params, other):
-                p.grad = torch.randn_like(p)
-                q.grad = p.grad.clone()
-            opt.step()
-            sgd.step()
-        assert calls == [(1, [10, 3000]), (2, [40_000]), (1, [10, 3000]), (2, [40_000])]
-        assert torch.get_num_threads() == 2
+    params = [torch.randn(s, requires_grad=True) for s in (10, 40_000, 3000, 50_000)]
+    other = [p.detach().clone().requires_grad_() for p in params]
+    opt = TLR(params, lr=0.1, momentum=0.9, weight_decay=1e-3, window=3)  # α constant in the first window
+    sgd = torch.optim.SGD(other, lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=True)
+    for _ in range(2):  # the first step starts the momentum buffers
         for p, q in zip(params, other):
-            torch.testing.assert_close(p, q)
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        sgd.step()
+    assert calls == [[40_000, 50_000], [40_000, 50_000]]
+    for p, q in zip(params, other):
+        torch.testing.assert_close(p, q)
 
-        def failing(*args, **kwargs):
-            raise RuntimeError("kernel failed")
 
-        monkeypatch.setattr(torch, "_fused_sgd_", failing)
-        with pytest.raises(RuntimeError, match="kernel failed"):
-            opt.step()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+def test_functional_adaptive_window_without_guard_needs_no_window_energy():
+    """tlr() takes window_energy=None when the blow-up guard is off (the CPU's host-side closing too)."""
+    from tlr_triton.functional import tlr
+
+    params = [torch.randn(5), torch.randn(3, 2)]
+    sums, prevs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    bufs, alpha, state = [None, None], torch.tensor(0.1), torch.tensor([0, 1])
+    for step in range(12):
+        grads = [torch.randn_like(p) for p in params]
+        tlr(params, grads, bufs, sums, prevs, [alpha], step=step, window=2, max_window=8, window_state=state,
+            blowup_ratio=None, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+            bound=0.25, statistic="gradient", scope="group")
+    assert torch.isfinite(alpha) and alpha > 0 and int(state[1]) >= 1

@@ -276,10 +276,11 @@ def test_step_plan_is_rebuilt_by_whatever_it_depends_on(cfg):
         12: lambda o, ps: o.param_groups[0].__setitem__("statistic", "direction"),  # hyper-parameters change
         14: lambda o, ps: o.state.__setitem__(ps[1], {}),                          # a state entry dropped
         16: lambda o, ps: o.state.pop(o.param_groups[0]["params"].pop(), None),    # the group shrinks
+        18: lambda o, ps: setattr(ps[1], "data", ps[1].data.to(torch.bfloat16)),   # a dtype changes in place
     }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(TLR, "_init_group", counting)
-        for t in range(20):
+        for t in range(22):
             event = events.get(t)
             if callable(event):
                 for o, ps in ((opt, params), (ref, other)):

@@ -17,7 +17,6 @@ factor stay tensors, so a step never synchronises with the device.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -158,34 +157,41 @@ def _momentum(u, fresh, bufs, *, momentum, dampening, nesterov) -> list[Tensor]:
     return list(bufs)
 
 
+# torch's grain size (at::internal::GRAIN_SIZE): its CPU ops split a tensor over threads
+# only from this many elements on.
+_GRAIN = 32768
+
+
 def _fused_ok(params: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether torch's fused SGD kernel can move this bucket.
 
     For contiguous fp32/fp64 tensors on CUDA or the CPU, and not under torch.compile
     (which traces the foreach path and fuses it itself). torch's CPU kernel writes
     non-contiguous parameters as if they were contiguous and gives wrong bf16/fp16
-    updates (torch 2.13), hence the checks.
+    updates (torch 2.13), hence the checks. On the CPU it also splits every tensor over
+    the threads, however small, and each split ends at a barrier that costs a scheduler
+    time slice when other processes share the cores (1000 tensors of 10k: seconds per
+    step): tensors below torch's grain size take the foreach path (``_grain_split``),
+    whose ops keep them on one thread.
     """
     p = params[0]
     return (
         not torch.compiler.is_compiling()  # _fused_sgd_ with a tensor lr has no fake kernel to trace
-        and p.device.type in ("cuda", "cpu")
+        and (p.device.type == "cuda" or p.device.type == "cpu" and all(t.numel() >= _GRAIN for t in params))
         and p.dtype in (torch.float32, torch.float64)
         and all(t.is_contiguous() for t in params)
         and all(g.is_contiguous() and g.dtype == p.dtype for g in grads)
     )
 
 
-# torch's grain size (at::internal::GRAIN_SIZE): its CPU ops split a tensor over threads
-# only from this many elements on.
-_GRAIN = 32768
-
-
-@functools.cache
-def _threads_per_call() -> bool:
-    """Whether torch.set_num_threads around one call is cheap and local: the OpenMP backend
-    (its thread count is per calling thread); torch's native pool warns and ignores it."""
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+def _grain_split(params: list[Tensor], idx: list[int]) -> list[list[int]]:
+    """A CPU bucket's tensors at or above torch's grain size apart from the smaller ones."""
+    if params[idx[0]].device.type != "cpu":
+        return [idx]
+    large = [i for i in idx if params[i].numel() >= _GRAIN]
+    if not large or len(large) == len(idx):
+        return [idx]
+    return [large, [i for i in idx if params[i].numel() < _GRAIN]]
 
 
 def _buckets(params: list[Tensor]) -> list[list[int]]:
@@ -344,7 +350,7 @@ def tlr(
 
     if buckets is None:
         buckets = _buckets(params)
-    for idx in buckets:
+    for idx in (part for bucket in buckets for part in _grain_split(params, bucket)):
         b_params = [params[i] for i in idx]
         b_grads = [grads[i] for i in idx]
         b_bufs = [momentum_buffers[i] for i in idx]
@@ -501,7 +507,7 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     (the reference's), in float64 instead of the window sums' dtype."""
     done, k = window_state.tolist()
     done, k = done + 1, min(k, units)
-    energies = window_energy.tolist()
+    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0]  # None: no guard
     reference = max(energies)
     guarded = blowup_ratio is not None and reference > 0
     if done < k and not (guarded and squares() / done > blowup_ratio * reference):
@@ -520,7 +526,8 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     def close():
         _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut)
         window_state.copy_(torch.tensor([0, next_k]))
-        window_energy.copy_(torch.tensor([energy, energies[0]], dtype=torch.float64))
+        if window_energy is not None:
+            window_energy.copy_(torch.tensor([energy, energies[0]], dtype=torch.float64))
 
     return ([close], []) if done >= k else ([], [close])
 
@@ -606,42 +613,25 @@ def _fused_mover(params, grads, bufs, momentum_buffers, idx, alpha, lr_factor, k
             momentum_buffers[idx[j]] = bufs[j]
         old = sorted(set(range(len(params))) - set(fresh))
         parts = [(fresh, True), (old, False)]
-    if params[0].device.type == "cpu" and _threads_per_call():
-        # torch's CPU kernel splits every tensor over the threads, however small (grain 0):
-        # one barrier per tensor, which costs a scheduler time slice each when other
-        # processes share the cores (1000 tensors of 10k: seconds per step, against
-        # 30 ms on one thread). Below torch's own grain size, where its foreach ops stay
-        # on one thread, these tensors are moved on one thread too.
-        parts = [([j for j in js if (params[j].numel() < _GRAIN) == (threads == 1)], first, threads)
-                 for js, first in parts for threads in (1, None)]
-    else:
-        parts = [(js, first, None) for js, first in parts]
 
     def move():
         # α after its update; times a schedule's factor in the weights' precision (fp64 weights: no fp32 rounding)
         lr = alpha if isinstance(lr_factor, float) and lr_factor == 1.0 else alpha.to(params[0].dtype) * lr_factor
-        for js, first, threads in parts:
+        for js, first in parts:
             if not js:
                 continue
-            if threads is not None:
-                before = torch.get_num_threads()
-                torch.set_num_threads(threads)
-            try:
-                torch._fused_sgd_(
-                    [params[j] for j in js],
-                    [grads[j] for j in js],
-                    [bufs[j] for j in js] if momentum != 0 else [],
-                    weight_decay=wd,
-                    momentum=momentum,
-                    lr=lr,
-                    dampening=kw["dampening"],
-                    nesterov=kw["nesterov"],
-                    maximize=kw["maximize"],
-                    is_first_step=first,
-                )
-            finally:
-                if threads is not None:
-                    torch.set_num_threads(before)
+            torch._fused_sgd_(
+                [params[j] for j in js],
+                [grads[j] for j in js],
+                [bufs[j] for j in js] if momentum != 0 else [],
+                weight_decay=wd,
+                momentum=momentum,
+                lr=lr,
+                dampening=kw["dampening"],
+                nesterov=kw["nesterov"],
+                maximize=kw["maximize"],
+                is_first_step=first,
+            )
 
     return move
 

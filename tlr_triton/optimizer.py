@@ -270,7 +270,7 @@ class _StepPlan:
 
     Gathering a group's tensors and state costs a few dict lookups per tensor; for a
     thousand tensors that is more than the step's arithmetic on a small model. A plan is
-    reused while ``fits`` holds: the same parameters with the same gradients present, the
+    reused while ``fits`` holds: the same parameters, dtypes and gradients present, the
     same backend, device and window representation, and every state entry still the
     tensor the plan holds (anything that replaced one — ``load_state_dict``, a hand edit
     — sends the step back to ``_init_group``). The lists are the ones the functional core
@@ -285,6 +285,7 @@ class _StepPlan:
         self.key = key
         self.owners, self.states = owners, [state[p] for p in owners]
         self.params, self.bufs, self.sums, self.prevs, self.alphas, self.keys = params, bufs, sums, prevs, alphas, keys
+        self.dtypes = [p.dtype for p in params]  # p.data = p.data.half() keeps the tensor, not its dtype
         self.buckets = functional._buckets(params)
 
     def fits(self, state, group, grads_all, key) -> bool:
@@ -292,6 +293,7 @@ class _StepPlan:
         return (
             key == self.key
             and [g is not None for g in grads_all] == self.present
+            and [p.dtype for p in self.params] == self.dtypes
             and all(map(is_, map(state.get, self.owners), self.states))
             and all(map(is_, map(dict.get, self.states, self.keys), self.sums))
             and all(map(is_, map(dict.get, self.states, repeat("prev_window_sum")), self.prevs))
