@@ -459,6 +459,11 @@ def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor 
     scopes, _, _ = statistics
     for a, dots, sqs in scopes:
         _update_alphas(a, dots, sqs, bound, cut=cut)
+    _rotate_windows(window_sums, prev_window_sums)
+
+
+def _rotate_windows(window_sums: list[Tensor], prev_window_sums: list[Tensor]) -> None:
+    """P ← A, A ← 0 by swapping the lists' entries (the old P, zeroed, becomes the new A)."""
     if prev_window_sums:
         torch._foreach_zero_(prev_window_sums)
     window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
@@ -475,11 +480,9 @@ def _square_total(window_sums: list[Tensor]) -> float:
 
 def _host_totals(window_sums: list[Tensor], prev_window_sums: list[Tensor]) -> tuple[float, float]:
     """The group's Σ⟨A, P⟩ and Σ‖A‖², read on the host (CPU only): one read for all tensors."""
-    dots = [torch.dot(a.view(-1), p.view(-1)) for a, p in zip(window_sums, prev_window_sums)]
-    squares = list(torch._foreach_powsum(window_sums, 2)) if hasattr(torch, "_foreach_powsum") else \
-        [torch.dot(a.view(-1), a.view(-1)) for a in window_sums]
-    values = torch.stack(dots + squares).tolist()
-    n = len(dots)
+    dots, squares = _dots_and_squares(window_sums, prev_window_sums)
+    values = torch.cat((dots, squares)).tolist()
+    n = len(window_sums)
     return math.fsum(values[:n]), math.fsum(values[n:])
 
 
@@ -497,22 +500,33 @@ def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, tota
     new = float(alpha) * min(_host_factor(*totals, bound), cut)
     if math.isfinite(new) and _ALPHA_TINY <= new <= _ALPHA_MAX:
         alpha.fill_(new)
-    torch._foreach_zero_(prev_window_sums)
-    window_sums[:], prev_window_sums[:] = prev_window_sums[:], window_sums[:]
+    _rotate_windows(window_sums, prev_window_sums)
+
+
+def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
+    """A unit's end read on the host (CPU only): None when the window stays open — not
+    scheduled to close and the guard's test on ‖A‖² (``squares()``) holds; ``window_state``
+    then counts the unit — else (units so far, k, the last two windows' energies)."""
+    done, k = window_state.tolist()
+    done, k = done + 1, min(k, units)
+    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0]  # None: no guard
+    reference = max(energies)
+    if done < k and not (blowup_ratio is not None and reference > 0 and squares() / done > blowup_ratio * reference):
+        window_state[0] = done
+        return None
+    return done, k, energies
 
 
 def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_state, units, window_reset,
                    blowup_ratio, window_energy):
     """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
     (the reference's), in float64 instead of the window sums' dtype."""
-    done, k = window_state.tolist()
-    done, k = done + 1, min(k, units)
-    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0]  # None: no guard
+    unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy)
+    if unit is None:
+        return [], []
+    done, k, energies = unit
     reference = max(energies)
     guarded = blowup_ratio is not None and reference > 0
-    if done < k and not (guarded and squares() / done > blowup_ratio * reference):
-        window_state[0] = done  # not scheduled and the guard holds: the window stays open
-        return [], []
     dot, sq = _host_totals(window_sums, prev_window_sums)
     energy = sq / done
     jump = guarded and energy > blowup_ratio * reference
@@ -544,16 +558,8 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
     so no step reads a device value.
     """
     if host_reads_free(window_state.device) and squares is not None:
-        done, k = window_state.tolist()
-        done, k = done + 1, min(k, units)
-        if done < k:  # not scheduled: open unless the guard trips
-            trips = False
-            if blowup_ratio is not None:
-                reference = max(window_energy.tolist())
-                trips = reference > 0 and squares() / done > blowup_ratio * reference
-            if not trips:
-                window_state[0] = done
-                return [], []
+        if _host_unit(squares, window_state, units, blowup_ratio, window_energy) is None:
+            return [], []
     scopes, dot, sq = statistics()
     done, k = window_state[0] + 1, window_state[1].clamp(max=units)
     scheduled = done >= k

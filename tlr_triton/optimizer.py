@@ -277,13 +277,13 @@ class _StepPlan:
     updates in place, so they stay current from step to step.
     """
 
-    def __init__(self, state, group, grads_all, key, owners, params, bufs, sums, prevs, alphas, keys):
+    def __init__(self, group, grads_all, key, owners, states, params, bufs, sums, prevs, alphas, keys):
         self.group = group
         self.all_params = list(group["params"])
         self.present = [g is not None for g in grads_all]
         self.index = [i for i, (p, g) in enumerate(zip(self.all_params, grads_all)) if g is not None and p.numel() > 0]
         self.key = key
-        self.owners, self.states = owners, [state[p] for p in owners]
+        self.owners, self.states = owners, states
         self.params, self.bufs, self.sums, self.prevs, self.alphas, self.keys = params, bufs, sums, prevs, alphas, keys
         self.dtypes = [p.dtype for p in params]  # p.data = p.data.half() keeps the tensor, not its dtype
         self.buckets = functional._buckets(params)
@@ -806,8 +806,8 @@ class TLR(Optimizer):
                 if b is not None:
                     state["momentum_buffer"] = b
             if plan is None and not dtensor and not torch.compiler.is_compiling():
-                self._plans[id(group)] = _StepPlan(self.state, group, grads_all, key, owners, params, bufs, sums,
-                                                   prev_sums, alphas, keys)
+                self._plans[id(group)] = _StepPlan(group, grads_all, key, owners, states, params, bufs, sums, prev_sums,
+                                                   alphas, keys)
             if backend == "torch":
                 group["step"] += 1  # the Triton path advances its device counter itself
         if len(self._plans) > len(self.param_groups):  # a group was removed: drop what its plan holds
