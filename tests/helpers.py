@@ -52,7 +52,7 @@ def alpha_of(opt, group_index, p):
     return float(opt.state[p]["alpha"])
 
 
-def assert_matches_reference(opt, ref, params, ref_params, rtol=None, atol=None, msg=""):
+def assert_matches_reference(opt, ref, params, ref_params, rtol=None, atol=None, msg="", alpha_rtol=None):
     """Parameters, every state tensor and every α of `opt` equal the reference's."""
     kw = {} if rtol is None else dict(rtol=rtol, atol=atol)
     for i, (p, q) in enumerate(zip(params, ref_params)):
@@ -72,17 +72,20 @@ def assert_matches_reference(opt, ref, params, ref_params, rtol=None, atol=None,
         for p, q in zip(g["params"], rg["params"]):
             if p in opt.state and (g["scope"] == "group" or "alpha" in opt.state[p]):
                 a, b = alpha_of(opt, gi, p), alpha_of(ref, gi, q)
-                rel = 1e-12 if p.dtype == torch.float64 else 1e-5
+                rel = alpha_rtol or (1e-12 if p.dtype == torch.float64 else 1e-5)
                 assert abs(a - b) <= rel * abs(b), f"{msg} group {gi} alpha {a} vs reference {b}"
 
 
 def lockstep(groups_spec, steps=8, dtype=torch.float64, rtol=None, atol=None, skip_at=None, signal_at=None,
-             scale_at=None, after_step=None, **defaults):
+             scale_at=None, after_step=None, curvature=None, alpha_rtol=None, **defaults):
     """Run TLR and ReferenceTLR side by side on the same gradients, comparing after each step.
 
     groups_spec: list of dicts of per-group options (each gets its own parameter list).
     ``signal_at(t)``, ``scale_at(t)``: ``set_grads``'s ``signal`` (default 0: pure noise)
     and ``scale`` (default 1) at step t.
+    ``alpha_rtol``: α's relative tolerance (default 1e-12 in fp64, else 1e-5).
+    ``curvature``: the gradients are ``curvature``·w + the noise (w: TLR's weights, which
+    the reference's equal), a quadratic whose iterates blow up when α is too large.
     ``after_step(opt, ref)`` runs after each compared step.
     Returns (opt, ref, params, ref_params).
     """
@@ -98,11 +101,17 @@ def lockstep(groups_spec, steps=8, dtype=torch.float64, rtol=None, atol=None, sk
     ref = ReferenceTLR(rgroups, **{k: v for k, v in defaults.items() if k != "backend"})
     for t in range(steps):
         skip = skip_at(t) if skip_at else ()
-        set_grads([params, ref_params], t, skip=skip, signal=signal_at(t) if signal_at else 0.0,
-                  scale=scale_at(t) if scale_at else 1.0)
+        grads = set_grads([params, ref_params], t, skip=skip, signal=signal_at(t) if signal_at else 0.0,
+                          scale=scale_at(t) if scale_at else 1.0)
+        if curvature is not None:
+            for p, q, g in zip(params, ref_params, grads):
+                if g is not None:
+                    p.grad = q.grad = None
+                    grad = (curvature * p.detach().double() + g.double()).to(p.dtype)
+                    p.grad, q.grad = grad.clone(), grad.clone().to(q.dtype)
         opt.step()
         ref.step()
-        assert_matches_reference(opt, ref, params, ref_params, rtol, atol, msg=f"step {t}:")
+        assert_matches_reference(opt, ref, params, ref_params, rtol, atol, msg=f"step {t}:", alpha_rtol=alpha_rtol)
         if after_step:
             after_step(opt, ref)
     return opt, ref, params, ref_params

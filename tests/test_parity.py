@@ -143,6 +143,45 @@ def test_blowup_guard_closes_the_window_within_one_unit_and_cuts_alpha(host_read
         assert alpha <= 0.2 * before[-1][2]
 
 
+def _growth_run(**cfg):
+    """A quadratic beyond heavy-ball's stability (gradients 45·w + noise, α0 = 0.05, μ = 0.9):
+    the iterates are thrown outward a few-fold per window, too slowly for the ‖A‖² test.
+    Returns the smallest α after each step (scope "tensor": of the tensors' α)."""
+    alphas = []
+
+    def record(opt, ref):
+        per_tensor = [float(st["alpha"]) for st in opt.state.values() if "alpha" in st]
+        alphas.append(min(per_tensor or [float(opt.param_groups[0]["alpha"])]))
+
+    torch.manual_seed(0)  # the same weights and noise for every run
+    lockstep([{}], steps=40, lr=0.05, window=2, max_window=16, window_reset=0.1, curvature=45.0,
+             scale_at=lambda t: 0.3, after_step=record, **cfg)
+    return alphas
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, scope="tensor"),
+                                 dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+                                 dict(momentum=0.9, blowup_ratio=1e6)])
+def test_blowup_guard_growth_test_matches_reference(host_reads, cfg, monkeypatch):
+    """The guard's growth test (⟨A, P⟩ < 0, ‖A‖² per unit rising, Σ‖w‖² more than doubled since
+    the last closing) trips in these runs, and both paths agree with the reference at every
+    step; with the test turned off (GROWTH = inf in the reference and the PyTorch path) α
+    differs. With the ‖A‖² test out of reach (ratio 1e6) the growth test alone cuts α."""
+    from tlr_triton import functional, reference
+
+    if not host_reads:
+        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
+    with_test = _growth_run(**cfg)
+    monkeypatch.setattr(functional, "GROWTH", float("inf"))
+    monkeypatch.setattr(reference, "GROWTH", float("inf"))
+    without = _growth_run(**cfg)
+    assert with_test != without  # the growth test tripped
+    if cfg.get("blowup_ratio") == 1e6:
+        first = next(t for t, (a, b) in enumerate(zip(with_test, without)) if a != b)
+        assert with_test[first] <= with_test[first - 1] / (1 + 2 ** 0.5)  # cut by at least 1/(1 + √GROWTH)
+
+
 def test_blowup_guard_reads_nothing_on_the_host(forbid_host_reads):
     params = make_params()
     opt = TLR(params, lr=0.05, momentum=0.9, window=2, max_window=16, window_reset=0.1)

@@ -25,6 +25,13 @@ from torch import Tensor
 __all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "snapshots_allowed", "advance_step",
            "host_reads_free"]
 
+# The blow-up guard's growth test (``tlr``'s docstring; docs/defaults.md, "Blow-up guard"):
+# at a closing whose consecutive windows disagree (⟨A, P⟩ < 0) and whose ‖A‖² per unit
+# exceeds the last window's, the weights' Σ‖w‖² having grown more than this many times
+# since the last closing cuts α. kernels/tlr_step.py holds
+# the same constant (it imports nothing from here; a test checks they agree).
+GROWTH = 2.0
+
 # α is stored in float32; a product that leaves the normal float32 range is refused
 # (α keeps its old value), so α is never 0, subnormal, inf or NaN.
 _ALPHA_TINY = torch.finfo(torch.float32).tiny
@@ -255,11 +262,15 @@ def tlr(
             |r| of the group's total ⟨A, P⟩, ‖A‖² is >= ``window_reset``, else
             min(k + 1, K). Needed when K > 1 (the PyTorch path ignores it when K = 1).
         blowup_ratio, window_energy: the adaptive window's blow-up guard (K > 1 only; None:
-            off). ``window_energy`` is a float64 [2] tensor, ‖A‖² per unit of the last two
-            closed windows, updated in place. At every unit's end, if ‖A‖² per unit of the
-            window so far exceeds ``blowup_ratio`` times the larger of the two, the window
-            closes after this step's move (a scheduled closing comes first, as always), k
-            becomes 1 and every α's factor is at most 1/(1 + √q), q that ratio.
+            off). ``window_energy`` is a float64 [3] tensor, ‖A‖² per unit of the last two
+            closed windows and Σ‖w‖² at the last closing, updated in place. At every unit's
+            end, if ‖A‖² per unit of the window so far exceeds ``blowup_ratio`` times the
+            larger of the two, the window closes after this step's move (a scheduled
+            closing comes first, as always), k becomes 1 and every α's factor is at most
+            1/(1 + √q), q that ratio. At every closing, if ⟨A, P⟩ < 0 while Σ‖w‖² (before
+            this step's move) has grown more than ``GROWTH`` times since the last closing
+            and ‖A‖² per unit exceeds the last window's, every α's factor is also at most
+            1/(1 + √q), q that growth, and k becomes 1.
         lr_factor: a learning-rate schedule's factor (``lr / initial_lr``, a float or a
             0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
             without it.
@@ -295,7 +306,7 @@ def tlr(
         if window_state is None:  # fixed windows keep no window state between steps
             window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
         if window_energy is None:
-            window_energy = torch.zeros(2, dtype=torch.float64, device=step.device)
+            window_energy = torch.zeros(3, dtype=torch.float64, device=step.device)
         if units == 1:  # the guard watches adaptive windows only
             blowup_ratio = None
         if params:
@@ -392,9 +403,11 @@ def tlr(
 
     before, after = [], []  # window work that must come before the move (α) and after it
     if closes_window:
+        guarded = units > 1 and blowup_ratio is not None
+
         def statistics():
             return _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state,
-                                      sharded_tensors)
+                                      sharded_tensors, params if guarded else None)
 
         # On the CPU, one α and no collective: the window's scalars are read and computed on
         # the host (free there), a few tensor operations instead of some seventy small ones.
@@ -404,7 +417,7 @@ def tlr(
             squares = None if shard_group is not None else (lambda: _square_total(window_sums))
             if host:
                 before, after = _host_unit_end(squares, window_sums, prev_window_sums, alphas[0], bound, window_state,
-                                               units, window_reset, blowup_ratio, window_energy)
+                                               units, window_reset, blowup_ratio, window_energy, params)
             else:
                 before, after = _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound,
                                                    window_state, units, window_reset, blowup_ratio, window_energy)
@@ -417,8 +430,9 @@ def tlr(
 
 
 def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None,
-                       sharded_tensors=False):
-    """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], and the group's total ⟨A, P⟩ and ‖A‖².
+                       sharded_tensors=False, params=None):
+    """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], the group's total ⟨A, P⟩ and ‖A‖², and
+    its Σ‖w‖² (float64; None unless ``params`` are given: the blow-up guard's growth test).
 
     With ``shard_group`` the group's totals (and, for ``sharded_tensors`` with scope
     "tensor", every tensor's) are summed over its ranks: one all-reduce, in float64 so
@@ -426,27 +440,41 @@ def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, sh
     """
     stats = [_dots_and_squares([window_sums[i] for i in idx], [prev_window_sums[i] for i in idx]) for idx in buckets]
     acc = torch.float64 if any(d.dtype == torch.float64 for d, _ in stats) else torch.float32
+    device = alphas[0].device if alphas else window_state.device
     if stats:
         dot = torch.stack([d.to(acc).sum() for d, _ in stats]).sum()
         sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
     else:  # a rank that holds none of this group's tensors still joins the collective
-        device = alphas[0].device if alphas else window_state.device
         dot = sq = torch.zeros((), dtype=acc, device=device)
+    weights = None if params is None else _weights_total(params, device)
     if shard_group is not None:
         import torch.distributed as dist
 
         per_tensor = sharded_tensors and scope == "tensor" and stats
-        parts = [torch.stack([dot, sq])] + ([t for pair in stats for t in pair] if per_tensor else [])
+        head = [dot, sq] + ([] if weights is None else [weights])
+        parts = [torch.stack([t.to(torch.float64) for t in head])] + (
+            [t for pair in stats for t in pair] if per_tensor else [])
         total = torch.cat([t.to(torch.float64) for t in parts])
         dist.all_reduce(total, group=shard_group)
         dot, sq = total[:2].to(acc).unbind(0)
+        if weights is not None:
+            weights = total[2]
         if per_tensor:
             sizes = [len(t) for pair in stats for t in pair]
-            summed = list(total[2:].split(sizes))
+            summed = list(total[len(head):].split(sizes))
             stats = [(summed[2 * i], summed[2 * i + 1]) for i in range(len(stats))]
     if scope == "group":
-        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq
-    return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq
+        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq, weights
+    return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq, weights
+
+
+def _weights_total(params: list[Tensor], device: torch.device) -> Tensor:
+    """Σ‖w‖² over ``params`` (the weights before this step's move), a float64 0-dim tensor: one pass."""
+    if not params:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():
+        return torch.stack(torch._foreach_powsum(params, 2, dtype=torch.float64)).sum()
+    return torch.stack([p.detach().to(torch.float64).square().sum() for p in params]).sum()
 
 
 def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor | None = None) -> None:
@@ -456,7 +484,7 @@ def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor 
     The last part swaps the two lists' entries (the old P, zeroed, becomes the new A)
     instead of copying A into P: the caller stores the lists back into its state.
     """
-    scopes, _, _ = statistics
+    scopes = statistics[0]
     for a, dots, sqs in scopes:
         _update_alphas(a, dots, sqs, bound, cut=cut)
     _rotate_windows(window_sums, prev_window_sums)
@@ -506,11 +534,12 @@ def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, tota
 def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
     """A unit's end read on the host (CPU only): None when the window stays open — not
     scheduled to close and the guard's test on ‖A‖² (``squares()``) holds; ``window_state``
-    then counts the unit — else (units so far, k, the last two windows' energies)."""
+    then counts the unit — else (units so far, k, the guard's references: ``window_energy``'s
+    values)."""
     done, k = window_state.tolist()
     done, k = done + 1, min(k, units)
-    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0]  # None: no guard
-    reference = max(energies)
+    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0, 0.0]  # None: no guard
+    reference = max(energies[:2])
     if done < k and not (blowup_ratio is not None and reference > 0 and squares() / done > blowup_ratio * reference):
         window_state[0] = done
         return None
@@ -518,30 +547,35 @@ def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
 
 
 def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_state, units, window_reset,
-                   blowup_ratio, window_energy):
+                   blowup_ratio, window_energy, params):
     """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
     (the reference's), in float64 instead of the window sums' dtype."""
     unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy)
     if unit is None:
         return [], []
     done, k, energies = unit
-    reference = max(energies)
+    reference = max(energies[:2])
     guarded = blowup_ratio is not None and reference > 0
     dot, sq = _host_totals(window_sums, prev_window_sums)
     energy = sq / done
     jump = guarded and energy > blowup_ratio * reference
     cut = 1.0 / (1.0 + math.sqrt(energy / reference)) if jump else math.inf
-    large = abs(_host_factor(dot, sq, bound) - 1.0) >= window_reset
-    next_k = 1 if large or jump else min(k + 1, units)
     if done < k and not jump:  # the guard's test on ‖A‖² alone tripped, the float64 total does not
         window_state[0] = done
         return [], []
+    weights = energies[2]
+    if blowup_ratio is not None:  # the growth test, on the weights before this step's move
+        weights = float(_weights_total(params, alpha.device))
+        if energies[2] > 0 and dot < 0 and energy > energies[0] and weights > GROWTH * energies[2]:
+            jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / energies[2])))
+    large = abs(_host_factor(dot, sq, bound) - 1.0) >= window_reset
+    next_k = 1 if large or jump else min(k + 1, units)
 
     def close():
         _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut)
         window_state.copy_(torch.tensor([0, next_k]))
         if window_energy is not None:
-            window_energy.copy_(torch.tensor([energy, energies[0]], dtype=torch.float64))
+            window_energy.copy_(torch.tensor([energy, energies[0], weights], dtype=torch.float64))
 
     return ([close], []) if done >= k else ([], [close])
 
@@ -560,20 +594,31 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
     if host_reads_free(window_state.device) and squares is not None:
         if _host_unit(squares, window_state, units, blowup_ratio, window_energy) is None:
             return [], []
-    scopes, dot, sq = statistics()
+    scopes, dot, sq, weights = statistics()
     done, k = window_state[0] + 1, window_state[1].clamp(max=units)
     scheduled = done >= k
     energy = sq.to(torch.float64) / done
     if blowup_ratio is not None:
-        reference = window_energy.max()
+        reference = window_energy[:2].max()
         jump = (reference > 0) & (energy > blowup_ratio * reference)
         cut = torch.where(jump, 1.0 / (1.0 + (energy / reference.clamp_min(_ALPHA_TINY)).sqrt()), math.inf)
+        # The growth test (at a closing): ⟨A, P⟩ < 0 and ‖A‖² per unit above the last window's
+        # while Σ‖w‖² grew more than GROWTH-fold.
+        last = window_energy[2]
+        grows = (scheduled | jump) & (last > 0) & (dot < 0) & (energy > window_energy[0]) & (weights > GROWTH * last)
+        cut = torch.minimum(cut, torch.where(grows, 1.0 / (1.0 + (weights / last.clamp_min(_ALPHA_TINY)).sqrt()),
+                                             math.inf))
+        jump_or_grows = jump | grows
+        kept_weights = weights
     else:
         jump, cut = torch.zeros_like(scheduled), None
+        jump_or_grows = jump
+        kept_weights = window_energy[2] if window_energy is not None else None
     large = (newton_factor(dot, sq, bound) - 1.0).abs() >= window_reset
-    next_k = torch.where(large | jump, torch.ones_like(k), (k + 1).clamp(max=units))
+    next_k = torch.where(large | jump_or_grows, torch.ones_like(k), (k + 1).clamp(max=units))
     closed_state = torch.stack([torch.zeros_like(k), next_k])
-    closed_energy = torch.stack([energy, window_energy[0]]) if window_energy is not None else None
+    closed_energy = (torch.stack([energy, window_energy[0], kept_weights.to(torch.float64)])
+                     if window_energy is not None else None)
 
     if host_reads_free(window_state.device):
         closes_now, closes_later = bool(scheduled), bool(jump) and not bool(scheduled)

@@ -14,10 +14,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .functional import advance_step, state_dtype, tlr, window_representation
+from .functional import GROWTH, advance_step, state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "window_schedule", "DEFAULT_LR", "DEFAULT_WINDOW", "AUTO_WINDOW",
-           "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET", "DEFAULT_BLOWUP_RATIO"]
+           "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET", "DEFAULT_BLOWUP_RATIO", "GROWTH"]
 
 SCOPES = ("group", "tensor")
 STATISTICS = ("gradient", "direction")
@@ -39,6 +39,9 @@ DEFAULT_WINDOW_RESET = 0.05
 # carries more than this many times the squared gradient sum per unit of the larger of the
 # last two windows, it closes early and α is cut to at most 1/(1 + √ratio) of itself.
 DEFAULT_BLOWUP_RATIO = 16.0
+# Its growth test (functional.GROWTH), at every closing: consecutive windows disagree
+# (⟨A, P⟩ < 0) and ‖A‖² per unit rises while the weights' Σ‖w‖² has grown more than GROWTH
+# times since the last closing — a blow-up too gradual for the ‖A‖² test (docs/defaults.md, "Blow-up guard").
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
@@ -381,8 +384,11 @@ class TLR(Optimizer):
     end of every W0-step unit that does not close the window, if ‖A‖² per unit of the
     window so far exceeds ``blowup_ratio`` times the larger of the last two closed
     windows' (per unit), the window closes after this step's move, k becomes 1 and every
-    α's factor is at most 1/(1 + √q), q that ratio. Decided on the device (on the CPU,
-    where reading is free, on the host).
+    α's factor is at most 1/(1 + √q), q that ratio. And at every closing, if ⟨A, P⟩ < 0,
+    ‖A‖² per unit exceeds the last window's and the weights' Σ‖w‖² has grown more than
+    ``GROWTH`` (2) times since the last closing, every α's factor is at most 1/(1 + √q)
+    with q that growth, and k becomes 1.
+    Decided on the device (on the CPU, where reading is free, on the host).
 
     Parameters whose ``grad`` is None are skipped: their state is untouched, they add
     nothing to the window statistics, and a window closing without them leaves their
@@ -512,8 +518,14 @@ class TLR(Optimizer):
 
     @staticmethod
     def _window_energy(value: Tensor | None, device: torch.device) -> Tensor:
-        """float64 [2] on ``device``: ‖A‖² per unit of the last two closed windows (the blow-up guard's reference)."""
-        value = torch.zeros(2, dtype=torch.float64) if value is None else torch.as_tensor(value)
+        """float64 [3] on ``device``, the blow-up guard's references: ‖A‖² per unit of the last
+        two closed windows, and Σ‖w‖² at the last closing (0: none; a [2] of older versions
+        gets a 0 there)."""
+        value = torch.zeros(3, dtype=torch.float64) if value is None else torch.as_tensor(value, dtype=torch.float64)
+        if value.shape == (2,):
+            value = torch.cat((value.cpu(), torch.zeros(1, dtype=torch.float64)))
+        if value.shape != (3,):
+            raise ValueError(f"window_energy must hold 3 values (2 from older versions), got shape {tuple(value.shape)}")
         return value.to(device=device, dtype=torch.float64, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -543,7 +555,7 @@ class TLR(Optimizer):
             if "window_state" not in group:
                 group["window_state"] = self._window_state(None, torch.device("cpu"))
             if "window_energy" not in group:
-                group["window_energy"] = torch.zeros(2, dtype=torch.float64)
+                group["window_energy"] = torch.zeros(3, dtype=torch.float64)
             if "alpha" not in group:  # written before α moved out of group["lr"] (then the live α tensor)
                 alpha = group["lr"]
                 group["alpha"] = self._alpha_tensor(alpha, alpha.device if isinstance(alpha, Tensor) else torch.device("cpu"))
@@ -657,7 +669,7 @@ class TLR(Optimizer):
         if not (isinstance(ws, Tensor) and ws.device == device and ws.dtype == torch.int64):
             group["window_state"] = self._window_state(ws, device)  # set by hand, or parameters moved
         we = group["window_energy"]
-        if not (isinstance(we, Tensor) and we.device == device and we.dtype == torch.float64):
+        if not (isinstance(we, Tensor) and we.device == device and we.dtype == torch.float64 and we.shape == (3,)):
             group["window_energy"] = self._window_energy(we, device)
         return lr
 

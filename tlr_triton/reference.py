@@ -16,8 +16,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, check_hyperparameters,
-                        window_schedule)
+from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH,
+                        check_hyperparameters, window_schedule)
 
 __all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
 
@@ -74,6 +74,7 @@ class ReferenceTLR(Optimizer):
         group.setdefault("step", 0)
         group["units_done"], group["units"] = 0, 1  # the window so far and its length, in units of W0 steps
         group["energy"] = [0.0, 0.0]  # ‖A‖² per unit of the last two closed windows (the blow-up guard's reference)
+        group["weights"] = 0.0  # Σ‖w‖² at the last closing (the guard's growth test; 0: none yet)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -116,10 +117,12 @@ class ReferenceTLR(Optimizer):
         w0, max_units = window_schedule(group["window"], group["max_window"])
         scheduled = jump = False
         cut = math.inf  # no cap on α's factor unless the blow-up guard trips
+        weights = None  # Σ‖w‖² before this step's move, at unit ends the guard watches
         if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
             group["units_done"] += 1
             scheduled = group["units_done"] >= min(group["units"], max_units)
             if max_units > 1 and group["blowup_ratio"] is not None:
+                weights = sum(float(p.detach().double().square().sum()) for p in live)
                 # The blow-up guard: ‖A‖² per unit of the window so far against the larger of
                 # the last two windows'. A jump closes the window after this step's move.
                 energy = _sum_of(self.state, live, "window_sum", "window_sum") / group["units_done"]
@@ -129,19 +132,31 @@ class ReferenceTLR(Optimizer):
                     cut = 1.0 / (1.0 + math.sqrt(energy / reference))
 
         if scheduled:  # α first, then the move (Algorithm 2's order)
-            self._close_window(group, live, max_units, jump, cut)
+            self._close_window(group, live, max_units, jump, cut, weights)
         factor = float(group["lr"]) / float(group["initial_lr"])
         for p in live:
             alpha = group["alpha"] if group["scope"] == "group" else self.state[p]["alpha"]
             p.copy_(p.double() - alpha * factor * directions[p])
         if jump and not scheduled:  # an early close takes effect from the next step
-            self._close_window(group, live, max_units, jump, cut)
+            self._close_window(group, live, max_units, jump, cut, weights)
         group["step"] += 1
 
-    def _close_window(self, group, live, max_units, jump, cut):
-        """α ← α·(1 + r) per scope (at most ``cut`` after a jump), the next window's length, P ← A, A ← 0."""
+    def _close_window(self, group, live, max_units, jump, cut, weights=None):
+        """α ← α·(1 + r) per scope (at most ``cut`` after a jump), the next window's length, P ← A, A ← 0.
+
+        ``weights``: Σ‖w‖² before this step's move when the blow-up guard watches. Its growth
+        test: consecutive windows disagree (⟨A, P⟩ < 0), ‖A‖² per unit exceeds the last
+        window's, and Σ‖w‖² has grown more than ``GROWTH`` times since the last closing —
+        iterates thrown outward, a blow-up too slow for the ‖A‖² test — so every α's factor
+        is at most 1/(1 + √q), q that growth, and the next window is one unit long.
+        """
         dot = _sum_of(self.state, live, "window_sum", "prev_window_sum")
         sq = _sum_of(self.state, live, "window_sum", "window_sum")
+        if weights is not None:
+            rising = sq / group["units_done"] > group["energy"][0]
+            if group["weights"] > 0 and dot < 0 and rising and weights > GROWTH * group["weights"]:
+                jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / group["weights"])))
+            group["weights"] = weights
         large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
         group["units"] = 1 if (large or jump) else min(min(group["units"], max_units) + 1, max_units)
         group["energy"] = [sq / group["units_done"], group["energy"][0]]
