@@ -21,7 +21,9 @@ from torch import Tensor
 
 from . import tlr_step as K  # the package's only import: kernels/ is the leaf of the import graph
 
-BLOCK = 1024   # elements per program of the step and move kernels
+PARAM_ROW, PREV_ROW, NUMEL_ROW = K.PARAM.value, K.PREV.value, K.NUMEL.value  # rows of the address table
+
+BLOCK = 1024   # elements per program of the step and move kernels (half that for fp64 weights: see block_size)
 NUM_WARPS = 8  # 4 elements per thread (Triton's default, 4 warps, gave 8 and spilled on sm_90 with Triton 3.6)
 RBLOCK = 128   # partials per iteration of the α kernel
 _CACHE_SIZE = 64
@@ -64,15 +66,36 @@ class _Memo:
 tables = _Memo()
 
 
-def _bucket_table(device, rows, nblk):
-    """int64 [TABLE_ROWS, n] addresses/numels/flags and int64 [2, n_blocks] block map."""
+def block_size(dtype: torch.dtype) -> int:
+    """Elements per program for weights of ``dtype``: BLOCK, 4 per thread; 2 per thread for
+    fp64, whose step kernel otherwise spills a few bytes on sm_80 (ptxas, Triton 3.9)."""
+    return BLOCK // 2 if dtype == torch.float64 else BLOCK
+
+
+def _alignment(rows, itemsize: int) -> int:
+    """The kernels' ALIGN for a bucket: 16 // ``itemsize`` (its narrowest element) when every
+    address of the weights, gradients and state is 16-byte aligned and every size a multiple
+    of that, so that whole 16-byte vectors never straddle a tensor's end; else 1 (per-element
+    accesses: unaligned views, odd sizes). fp64 buckets stay at 1: their vectorized step
+    kernel spilled 4 bytes on sm_90 with Triton 3.6."""
+    if itemsize == 8:
+        return 1
+    vec = 16 // itemsize
+    addresses = [a for row in rows[PARAM_ROW:PREV_ROW + 1] for a in row]
+    if all(a % 16 == 0 for a in addresses) and all(n % vec == 0 for n in rows[NUMEL_ROW]):
+        return vec
+    return 1
+
+
+def _bucket_table(device, rows, nblk, itemsize, block):
+    """int64 [TABLE_ROWS, n] addresses/numels/flags, int64 [2, n_blocks] block map, ALIGN."""
     tab = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     counts = torch.tensor(nblk, dtype=torch.int64)
     tensor_of_block = torch.repeat_interleave(torch.arange(len(nblk), dtype=torch.int64), counts, output_size=sum(nblk))
     first_block = torch.cumsum(counts, 0) - counts
-    offset = (torch.arange(sum(nblk), dtype=torch.int64) - first_block[tensor_of_block]) * BLOCK
+    offset = (torch.arange(sum(nblk), dtype=torch.int64) - first_block[tensor_of_block]) * block
     blk = torch.stack([tensor_of_block, offset]).to(device, non_blocking=True)
-    return tab, blk
+    return tab, blk, _alignment(rows, itemsize)
 
 
 def _scope_table(device, scope, nblks, part_offsets, alpha_ptrs):
@@ -130,7 +153,7 @@ def tlr_triton_step(
     group's int64 step counter on the device, read here and advanced by the caller.
     ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
     updated here; windows are k·``window`` steps, 1 <= k <= ``units``. ``blowup_ratio``
-    (None: off) and ``window_energy`` (float64 [2], updated here) are the adaptive
+    (None: off) and ``window_energy`` (float64 [3], updated here) are the adaptive
     window's blow-up guard (``functional.tlr``).
     """
     device = step.device
@@ -160,7 +183,8 @@ def tlr_triton_step(
             else:
                 firsts.append(0)
         numels = [p.numel() for p in work_p]
-        nblk = [(n + BLOCK - 1) // BLOCK for n in numels]
+        block = block_size(dtype)
+        nblk = [(n + block - 1) // block for n in numels]
         rows = [
             [p.data_ptr() for p in work_p],
             [g.data_ptr() for g in work_g],
@@ -172,9 +196,10 @@ def tlr_triton_step(
             firsts,
         ]
         key = (device, dtype, tuple(map(tuple, rows)))
-        tab, blk = tables.get(key, lambda: _bucket_table(device, rows, nblk))
+        itemsize = min(dtype.itemsize, prev_window_sums[idx[0]].dtype.itemsize)
+        tab, blk, align = tables.get(key, lambda: _bucket_table(device, rows, nblk, itemsize, block))
         state_key.append(key)
-        launches.append((idx, dtype, snap, tab, blk, len(idx), sum(nblk), total))
+        launches.append((idx, dtype, snap, tab, blk, align, block, len(idx), sum(nblk), total))
         part_offsets.append(total)
         nblks.append(nblk)
         total += sum(nblk)
@@ -184,7 +209,7 @@ def tlr_triton_step(
         alpha_ptrs = [alphas[0].data_ptr()]
 
     def build_group():
-        part = torch.zeros(2, max(total, 1), dtype=torch.float64, device=device)
+        part = torch.zeros(3, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖² per block
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
         cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
@@ -199,7 +224,7 @@ def tlr_triton_step(
         HAS_SCALE=grad_scale is not None,
     )
     with _device_guard(device):
-        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
+        for idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset in launches:
             K.tlr_step_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, part, part.shape[1], offset, step,
                 grad_scale if grad_scale is not None else dummy,
@@ -207,22 +232,23 @@ def tlr_triton_step(
                 window_state, window, units, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
                 SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap,
-                HAS_INF=found_inf is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, **kw,
+                HAS_INF=found_inf is not None, BLOCK=block, ALIGN=align, num_warps=NUM_WARPS, **kw,
             )
         K.tlr_window_kernel[(1,)](
             part, part.shape[1], total, step, found_inf if found_inf is not None else dummy, window_state,
-            window_energy if window_energy is not None else cut, flag, cut, window, units, hyper,
+            window_energy if window_energy is not None else torch.zeros(3, dtype=torch.float64, device=device),
+            flag, cut, window, units, hyper,
             HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
         )
         K.tlr_alpha_kernel[(scopes.shape[1],)](
             scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, RBLOCK=RBLOCK,
         )
-        for idx, dtype, snap, tab, blk, n, n_blocks, offset in launches:
+        for idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset in launches:
             K.tlr_move_kernel[(n_blocks,)](
                 tab, n, blk, n_blocks, flag,
                 grad_scale if grad_scale is not None else dummy, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
-                SNAPSHOT=snap, BLOCK=BLOCK, num_warps=NUM_WARPS, **kw,
+                SNAPSHOT=snap, BLOCK=block, ALIGN=align, num_warps=NUM_WARPS, **kw,
             )
     for p, pc in copies:
         p.copy_(pc)

@@ -10,10 +10,12 @@ the group's step counter and window state (units of W0 steps so far, length k):
    closes as scheduled it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A
    into P and leaves the weights for launch 4; at the other ends of units of an adaptive
    window watched by the blow-up guard it writes the partials and moves the weights.
-2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩ and ‖A‖² (summed in
-   a fixed order: no atomics, bit-identical runs) it decides whether the window closes
-   (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next window's
-   length, and the guard's cap on α's factor; it advances the window state.
+   Every step it writes the block's ‖w‖² before the move (the guard's growth test).
+2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²
+   (summed in a fixed order: no atomics, bit-identical runs) it decides whether the window
+   closes (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next
+   window's length, and the guard's cap on α's factor (also at a closing where the weights
+   grew: ``GROWTH``); it advances the window state.
 3. ``tlr_alpha_kernel``, one program per α-scope: when the window closes, sums its blocks'
    partials in a fixed order, applies SPEC's Newton factor with its guards (and the cap)
    and writes α.
@@ -23,7 +25,8 @@ the group's step counter and window state (units of W0 steps so far, length k):
 
 Tensors are reached through a table of addresses (one int64 row per kind of tensor),
 blocks through a block → (tensor, offset) map; offsets are int64, so one tensor may
-hold more than 2³¹ elements. Weights and gradients are fp32, fp16 or bf16 (or fp64);
+hold more than 2³¹ elements. ALIGN > 1 (a constexpr the launcher sets after checking
+every address and size of the bucket) lets the compiler use 16-byte vector accesses. Weights and gradients are fp32, fp16 or bf16 (or fp64);
 state and every reduction are fp32 (fp64 for fp64 weights); α is fp32.
 
 Two ways to hold the window sum A (SPEC's "A ← A + u"):
@@ -61,6 +64,11 @@ H_WINDOW_RESET = tl.constexpr(5)
 H_LR_FACTOR = tl.constexpr(6)      # a learning-rate schedule's factor: the weights move by α · factor · d
 H_BLOWUP = tl.constexpr(7)         # the adaptive window's blow-up guard ratio (0: off)
 HYPER_SIZE = 8
+
+# The blow-up guard's growth test: at a closing with ⟨A, P⟩ < 0 and ‖A‖² per unit above the
+# last window's, weights whose Σ‖w‖² grew more than GROWTH-fold since the last closing cut α (tlr_triton.functional.GROWTH, the
+# same value: kernels/ imports nothing from tlr_triton; a test checks they agree).
+GROWTH = tl.constexpr(2.0)
 
 # What the window kernel decides for this step (int32 ``flag``).
 OPEN = tl.constexpr(0)             # the window goes on
@@ -108,33 +116,45 @@ def _to_param(x, PARAM_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK: tl.constexpr):
+def _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """This program's block: its index, tensor, first element (int64), lanes and in-bounds mask.
 
     Addresses are a scalar base at the block's first element (``_at``) plus int32 lanes:
     one 64-bit address per program, not one per element (which cost registers and spills).
+    Blocks start at multiples of BLOCK; with ALIGN > 1 every tensor's size is a multiple of
+    ALIGN (checked on the host), so the mask is constant over runs of ALIGN lanes and the
+    compiler may move them with one vector access.
     """
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(blk_ptr + pid)
     start = tl.load(blk_ptr + n_blocks + pid)
+    if ALIGN > 1:
+        start = tl.multiple_of(start, BLOCK)
     lanes = tl.arange(0, BLOCK)
     left = tl.minimum(_row(tab_ptr, NUMEL, n_tensors, t) - start, BLOCK).to(tl.int32)
+    if ALIGN > 1:
+        left = tl.multiple_of(left, ALIGN)
     return pid, t, start, lanes, lanes < left
 
 
 @triton.jit
-def _at(tab_ptr, row, n_tensors, t, start, DTYPE: tl.constexpr):
-    """Pointer to the block's first element in the tensor that ``row`` of the table addresses."""
-    return _row(tab_ptr, row, n_tensors, t).to(tl.pointer_type(DTYPE)) + start
+def _at(tab_ptr, row, n_tensors, t, start, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """Pointer to the block's first element in the tensor that ``row`` of the table addresses
+    (16-byte aligned when ALIGN > 1: every address of the bucket was checked on the host)."""
+    base = _row(tab_ptr, row, n_tensors, t).to(tl.pointer_type(DTYPE))
+    if ALIGN > 1:
+        base = tl.multiple_of(base, 16)
+    return base + start
 
 
 @triton.jit
 def _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr,
-                       PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr):
+                       PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       ALIGN: tl.constexpr):
     """The block's weights pointer, its weights and (unscaled) gradients, upcast to the state dtype."""
-    p_ptr = _at(tab_ptr, PARAM, n_tensors, t, start, PARAM_DTYPE)
+    p_ptr = _at(tab_ptr, PARAM, n_tensors, t, start, PARAM_DTYPE, ALIGN)
     w = tl.load(p_ptr + lanes, mask=live, other=0.0).to(STATE_DTYPE)
-    g = tl.load(_at(tab_ptr, GRAD, n_tensors, t, start, PARAM_DTYPE) + lanes, mask=live, other=0.0).to(STATE_DTYPE)
+    g = tl.load(_at(tab_ptr, GRAD, n_tensors, t, start, PARAM_DTYPE, ALIGN) + lanes, mask=live, other=0.0).to(STATE_DTYPE)
     if HAS_SCALE:
         g = g / tl.load(scale_ptr).to(STATE_DTYPE)
     return p_ptr, w, g
@@ -168,7 +188,7 @@ def tlr_step_kernel(
     n_tensors,
     blk_ptr,          # int64 [2, n_blocks]: each block's tensor index and first element
     n_blocks,
-    part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖² of the whole group
+    part_ptr,         # float64 [3, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² of the whole group
     n_part,
     part_offset,      # where this bucket's blocks start in part_ptr
     step_ptr,         # int64: the group's step counter (before this step)
@@ -187,8 +207,9 @@ def tlr_step_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,           # > 1: 16-byte-aligned addresses, sizes multiples of ALIGN (host-checked)
 ):
-    pid, t, start, lanes, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
+    pid, t, start, lanes, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK, ALIGN)
     if HAS_INF:
         live = _and(live, tl.load(inf_ptr) == 0)
     unit_ends, closing = _schedule(step_ptr, ws_ptr, window, units)
@@ -199,13 +220,18 @@ def tlr_step_kernel(
     closes = _and(live, closing)
     moves = _and(live, closing == 0)
 
-    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
+    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE,
+                                     ALIGN)
+    # This block's ‖w‖² before the move (0 off `live`), for the blow-up guard's growth test;
+    # reduced here, first, while few values are live (later, it spilled for fp64 weights).
+    w32 = w.to(tl.float32)
+    tl.store(part_ptr + 2 * n_part + part_offset + pid, tl.sum(w32 * w32, axis=0).to(tl.float64))
     alpha_ptr = _row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))
 
     b = tl.zeros([BLOCK], dtype=STATE_DTYPE)
     first = 0
     if HAS_MOMENTUM:
-        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE)
+        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE, ALIGN)
         b = tl.load(b_ptr + lanes, mask=live, other=0.0)
         first = _row(tab_ptr, FIRST, n_tensors, t)
     u, b, d = _direction(w, g, b, first, hyp_ptr, STATE_DTYPE, HAS_MOMENTUM, NESTEROV)
@@ -216,11 +242,11 @@ def tlr_step_kernel(
     if SNAPSHOT:
         # A so far is the displacement since the window's start; add this step's d.
         # (Only without the blow-up guard, whose early close comes after α has changed.)
-        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE)
+        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
         s = tl.load(s_ptr + lanes, mask=counts, other=0.0).to(STATE_DTYPE)
         a = (s - w) / alpha + d
     else:
-        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE)
+        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
         if SUM_DIRECTION:
             a = tl.load(a_ptr + lanes, mask=live, other=0.0) + d
         else:
@@ -228,12 +254,14 @@ def tlr_step_kernel(
         tl.store(a_ptr + lanes, tl.where(closing, 0.0, a), mask=live)  # closing: A restarts at 0
 
     # This block's share of ⟨A, P⟩ and ‖A‖² (zeros where not counted); a scheduled closing: P ← A.
-    pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE)
+    pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE, ALIGN)
     prev = tl.load(pv_ptr + lanes, mask=counts, other=0.0)
     a = tl.where(counts, a, 0.0)
     tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
+    # ‖w‖² in fp32 whatever the weights: the growth test compares it with 2·its last value
+    # (an fp64 reduction more spilled on sm_80)
 
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
@@ -276,13 +304,13 @@ def _newton_r(dot, sq, bound):
 
 @triton.jit(do_not_specialize=_NO_SPEC_WINDOW)
 def tlr_window_kernel(
-    part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖²
+    part_ptr,         # float64 [3, n_part]: per-block ⟨A, P⟩, ‖A‖² and ‖w‖²
     n_part,
     n_total,          # blocks of the whole group
     step_ptr,         # int64: the group's step counter (before this step)
     inf_ptr,
     ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced here
-    we_ptr,           # float64 [2]: ‖A‖² per unit of the last two closed windows, advanced here
+    we_ptr,           # float64 [3]: ‖A‖² per unit of the last two closed windows, Σ‖w‖² at the last closing
     flag_ptr,         # int32: written here: OPEN, CLOSES or CLOSES_LATE
     cut_ptr,          # float64: written here: the largest factor α may take (no cap unless the guard trips)
     window,
@@ -292,7 +320,7 @@ def tlr_window_kernel(
     RBLOCK: tl.constexpr,
 ):
     """One program: the group's window decision for this step (SPEC's closing, the adaptive
-    window's next length, the blow-up guard), from the group's total ⟨A, P⟩ and ‖A‖²."""
+    window's next length, the blow-up guard), from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²."""
     unit_ends, scheduled = _schedule(step_ptr, ws_ptr, window, units)
     if HAS_INF:
         ok = tl.load(inf_ptr) == 0
@@ -301,24 +329,34 @@ def tlr_window_kernel(
     ratio = tl.load(hyp_ptr + H_BLOWUP)
     watched = _and(units > 1, ratio > 0)
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
-    dot, sq = _reduce(part_ptr, n_part, 0, tl.where(needed, n_total, 0), RBLOCK)
+    end = tl.where(needed, n_total, 0)
+    dot, sq = _reduce(part_ptr, n_part, 0, end, RBLOCK)
+    weights, _ = _reduce(part_ptr + 2 * n_part, 0, 0, tl.where(watched, end, 0), RBLOCK)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
     reference = tl.maximum(tl.load(we_ptr), tl.load(we_ptr + 1))
     jump = _and(_and(unit_ends, watched), _and(reference > 0, energy > ratio * reference))
-    cut = 1.0 / (1.0 + tl.sqrt(energy / tl.where(reference > 0, reference, 1.0)))
-    tl.store(cut_ptr, tl.where(jump, cut, 1.7976931348623157e308))  # no cap: the largest float64
+    no_cap = 1.7976931348623157e308  # the largest float64
+    cut = tl.where(jump, 1.0 / (1.0 + tl.sqrt(energy / tl.where(reference > 0, reference, 1.0))), no_cap)
     closes = _or(scheduled, jump)
+    # The growth test: consecutive windows disagree and ‖A‖² per unit rises while Σ‖w‖² grew
+    # more than GROWTH-fold.
+    last = tl.load(we_ptr + 2)
+    rising = _and(dot < 0, energy > tl.load(we_ptr))
+    grows = _and(_and(closes, watched), _and(_and(last > 0, rising), weights > GROWTH * last))
+    cut = tl.minimum(cut, tl.where(grows, 1.0 / (1.0 + tl.sqrt(weights / tl.where(last > 0, last, 1.0))), no_cap))
+    tl.store(cut_ptr, cut)
     tl.store(flag_ptr, tl.where(scheduled, CLOSES, tl.where(jump, CLOSES_LATE, OPEN)).to(tl.int32))
     r = _newton_r(dot, sq, tl.load(hyp_ptr + H_BOUND))
     large = tl.abs(r) >= tl.load(hyp_ptr + H_WINDOW_RESET)
-    next_k = tl.where(_or(large, jump), 1, tl.minimum(k + 1, units))
+    next_k = tl.where(_or(large, _or(jump, grows)), 1, tl.minimum(k + 1, units))
     tl.store(ws_ptr, tl.where(closes, 0, tl.where(unit_ends, done, done - 1)))
     tl.store(ws_ptr + 1, tl.where(closes, next_k, k))
     previous = tl.load(we_ptr)
     tl.store(we_ptr + 1, tl.where(closes, previous, tl.load(we_ptr + 1)))
     tl.store(we_ptr, tl.where(closes, energy, previous))
+    tl.store(we_ptr + 2, tl.where(_and(closes, watched), weights, last))
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_ALPHA)
@@ -363,14 +401,16 @@ def tlr_move_kernel(
     SNAPSHOT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    pid, t, start, lanes, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK)
+    pid, t, start, lanes, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK, ALIGN)
     flag = tl.load(flag_ptr)
     live = _and(in_tensor, flag == CLOSES)
-    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE)
+    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE,
+                                     ALIGN)
     u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w
     if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
-        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE)
+        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE, ALIGN)
         b = tl.load(b_ptr + lanes, mask=live, other=0.0)
         if NESTEROV:
             d = u + _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * b
@@ -382,10 +422,10 @@ def tlr_move_kernel(
     w_new = _to_param(w - alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE) * d, PARAM_DTYPE)
     tl.store(p_ptr + lanes, w_new, mask=live)
     if SNAPSHOT:  # the next window starts here
-        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE)
+        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
         tl.store(s_ptr + lanes, w_new, mask=live)
     else:  # the blow-up guard closed the window after the step kernel's move: P ← A, A ← 0
         late = _and(in_tensor, flag == CLOSES_LATE)
-        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE)
-        tl.store(_at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE) + lanes, tl.load(a_ptr + lanes, mask=late), mask=late)
+        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
+        tl.store(_at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE, ALIGN) + lanes, tl.load(a_ptr + lanes, mask=late), mask=late)
         tl.store(a_ptr + lanes, tl.zeros([BLOCK], dtype=STATE_DTYPE), mask=late)

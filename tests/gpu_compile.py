@@ -305,8 +305,32 @@ def compile_launches(launches: list[dict], archs=ARCHS, jobs: int = 1) -> list[d
 
 # ----------------------------------------------------------------------------- report
 
+# A step or move kernel of an aligned bucket (ALIGN > 1) moves elements only in vectors: its
+# loads narrower than 8 bytes are the scalars (α, the window flag, AMP's scale and found_inf),
+# it stores nothing narrower than 8 bytes (the fp64 partials), and the fp32/fp64 arrays
+# (state, and fp32/fp64 weights and gradients) go in 16-byte accesses. fp16/bf16 weights and
+# gradients go in 8 bytes: 4 elements per thread.
+_SCALAR_LOADS = 4
+_ELEMENTWISE = ("tlr_step_kernel", "tlr_move_kernel")
+
+
+def vector_problems(r: dict) -> list[str]:
+    """What is not vectorized in one compiled aligned step or move kernel (``problems``)."""
+    if r["kernel"] not in _ELEMENTWISE or int(r["constexprs"].get("ALIGN", "1")) <= 1 or "error" in r:
+        return []
+    ld, st = r["ptx"]["ld"], r["ptx"]["st"]
+    narrow_loads = sum(n for w, n in ld.items() if int(w) < 8)
+    narrow_stores = sum(n for w, n in st.items() if int(w) < 8)
+    out = []
+    if narrow_loads > _SCALAR_LOADS or narrow_stores:
+        out.append(f"narrow accesses: {narrow_loads} loads, {narrow_stores} stores under 8 bytes")
+    if not ld.get("16"):
+        out.append("no 16-byte load")
+    return out
+
+
 def problems(results: list[dict]) -> list[str]:
-    """One line per compile error, spill or local-memory use."""
+    """One line per compile error, spill, local-memory use or unvectorized aligned kernel."""
     out = []
     for r in results:
         where = f"{r['kernel']} sm_{r['arch']} triton {r['triton']} {r['constexprs']} (config {r['config']})"
@@ -315,6 +339,7 @@ def problems(results: list[dict]) -> list[str]:
         elif r["spill_stores"] or r["spill_loads"] or r["stack"] or r["local"]:
             out.append(f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B, "
                        f"local memory {r['local']}")
+        out += [f"{where}: {line} (PTX {r['ptx']})" for line in vector_problems(r)]
     return out
 
 

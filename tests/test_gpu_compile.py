@@ -44,6 +44,10 @@ def test_recording_covers_the_space(recorded):
     assert len({args["part_offset"] for args in step}) > 2  # mixed-dtype groups: buckets after the first
     assert {args["PARAM_DTYPE"]["tl"] for args in step} == {"fp32", "fp64", "fp16", "bf16"}
     assert {(args["HAS_SCALE"], args["HAS_INF"]) for args in step} == {(False, False), (False, True), (True, True)}
+    # aligned buckets (vector accesses, checked in the PTX by G.problems) and unaligned ones, per weight
+    # dtype; fp64 buckets are never aligned (launch._alignment)
+    aligned = {(args["PARAM_DTYPE"]["tl"], args["ALIGN"] > 1) for args in step}
+    assert aligned == {(d, a) for d in ("fp32", "fp16", "bf16") for a in (False, True)} | {("fp64", False)}, aligned
 
 @pytest.mark.parametrize("version", ["installed", "3.6.0"])
 def test_every_specialization_compiles_for_sm80_and_sm90(recorded, version, capsys):

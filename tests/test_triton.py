@@ -418,6 +418,40 @@ def test_blowup_guard_matches_reference(cfg):
     assert max(lengths[:27]) >= 3 and lengths[27] == 1, lengths
 
 
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, blowup_ratio=1e6),
+                                 dict(momentum=0.9, scope="tensor", nesterov=True, weight_decay=1e-2)])
+def test_blowup_guard_growth_test_matches_reference(cfg, monkeypatch):
+    """The guard's growth test on the device (window kernel, Σ‖w‖² from the step kernel's
+    partials): a quadratic beyond heavy-ball's stability, as tests/test_parity.py's, matches the
+    reference at every step; the reference with the test turned off takes another course."""
+    from tlr_triton import functional, reference
+
+    def run(**kw):
+        torch.manual_seed(0)
+        alphas = []
+
+        def record(opt, ref):  # the reference's α (one per group, or per tensor)
+            alphas.append([ref.param_groups[0]["alpha"]] + [st["alpha"] for st in ref.state.values() if "alpha" in st])
+
+        # fp32 against float64 through a blow-up: rounding grows with the iterates, hence 1e-4
+        lockstep([{}], steps=40, dtype=torch.float32, rtol=1e-4, atol=1e-4, alpha_rtol=1e-4, lr=0.05, window=2,
+                 max_window=16, window_reset=0.1, curvature=45.0, scale_at=lambda t: 0.3, after_step=record, **cfg, **kw)
+        return alphas
+
+    with_test = run(backend="triton")
+    monkeypatch.setattr(reference, "GROWTH", float("inf"))
+    monkeypatch.setattr(functional, "GROWTH", float("inf"))
+    without = run(backend="torch")  # the growth test off: the references' α take another course
+    assert with_test != without
+
+
+def test_growth_constant_is_the_same_in_kernels_and_functional():
+    from tlr_triton import functional
+    from tlr_triton.kernels import tlr_step
+
+    assert tlr_step.GROWTH.value == functional.GROWTH
+
+
 def test_kernels_are_the_leaf_of_the_import_graph():
     """kernels/ imports nothing from tlr_triton (which imports it lazily on the Triton path)."""
     import ast
