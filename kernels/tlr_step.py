@@ -223,7 +223,8 @@ def tlr_step_kernel(
     p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE,
                                      ALIGN)
     # This block's ‖w‖² before the move (0 off `live`), for the blow-up guard's growth test;
-    # reduced here, first, while few values are live (later, it spilled for fp64 weights).
+    # reduced here, first, while few values are live (later, it spilled for fp64 weights), and
+    # in fp32 whatever the weights: the test compares it with twice its last value.
     w32 = w.to(tl.float32)
     tl.store(part_ptr + 2 * n_part + part_offset + pid, tl.sum(w32 * w32, axis=0).to(tl.float64))
     alpha_ptr = _row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))
@@ -260,8 +261,6 @@ def tlr_step_kernel(
     tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
-    # ‖w‖² in fp32 whatever the weights: the growth test compares it with 2·its last value
-    # (an fp64 reduction more spilled on sm_80)
 
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
@@ -363,7 +362,7 @@ def tlr_window_kernel(
 def tlr_alpha_kernel(
     scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
     n_scopes,
-    part_ptr,         # float64 [2, n_part]: per-block ⟨A, P⟩ and ‖A‖²
+    part_ptr,         # float64 [3, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
     n_part,
     flag_ptr,         # int32: the window kernel's decision
     cut_ptr,          # float64: the blow-up guard's cap on the factor
