@@ -66,6 +66,24 @@ class _Memo:
 tables = _Memo()
 
 
+_PROGRAMS_PER_SM = 4  # the move kernel's persistent grid: programs per streaming multiprocessor
+_MOVE_PROGRAMS_OFF_GPU = 64  # and elsewhere (the interpreter)
+_sm_counts: dict = {}
+
+
+def move_programs(device: torch.device, n_blocks: int) -> int:
+    """The move kernel's grid: a few programs per SM, striding over the blocks, so that an
+    ordinary step (nothing to move) costs O(1) programs however large the model; never more
+    programs than blocks. Fixed per device and layout, so a CUDA graph captures it."""
+    if device.type == "cuda":
+        if device not in _sm_counts:
+            _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        cap = _PROGRAMS_PER_SM * _sm_counts[device]
+    else:
+        cap = _MOVE_PROGRAMS_OFF_GPU
+    return max(1, min(n_blocks, cap))
+
+
 def block_size(dtype: torch.dtype) -> int:
     """Elements per program for weights of ``dtype``: BLOCK, 4 per thread; 2 per thread for
     fp64, whose step kernel otherwise spills a few bytes on sm_80 (ptxas, Triton 3.9)."""
@@ -244,7 +262,7 @@ def tlr_triton_step(
             scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, RBLOCK=RBLOCK,
         )
         for idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset in launches:
-            K.tlr_move_kernel[(n_blocks,)](
+            K.tlr_move_kernel[(move_programs(device, n_blocks),)](
                 tab, n, blk, n_blocks, flag,
                 grad_scale if grad_scale is not None else dummy, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),

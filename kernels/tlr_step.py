@@ -19,9 +19,10 @@ the group's step counter and window state (units of W0 steps so far, length k):
 3. ``tlr_alpha_kernel``, one program per α-scope: when the window closes, sums its blocks'
    partials in a fixed order, applies SPEC's Newton factor with its guards (and the cap)
    and writes α.
-4. ``tlr_move_kernel``: on a scheduled closing, moves the weights with the new α
-   (Algorithm 2's order) and restarts the window snapshot; on an early one, P ← A and
-   A ← 0 (the weights moved in launch 1); otherwise it does nothing.
+4. ``tlr_move_kernel``, a persistent grid sized to the GPU striding over the blocks: on a
+   scheduled closing, moves the weights with the new α (Algorithm 2's order) and restarts
+   the window snapshot; on an early one, P ← A and A ← 0 (the weights moved in launch 1);
+   otherwise each program reads the flag and exits.
 
 Tensors are reached through a table of addresses (one int64 row per kind of tensor),
 blocks through a block → (tensor, offset) map; offsets are int64, so one tensor may
@@ -117,7 +118,13 @@ def _to_param(x, PARAM_DTYPE: tl.constexpr):
 
 @triton.jit
 def _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
-    """This program's block: its index, tensor, first element (int64), lanes and in-bounds mask.
+    """This program's block (``_block_at`` of the program id)."""
+    return _block_at(tab_ptr, n_tensors, blk_ptr, n_blocks, tl.program_id(0).to(tl.int64), BLOCK, ALIGN)
+
+
+@triton.jit
+def _block_at(tab_ptr, n_tensors, blk_ptr, n_blocks, pid, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """Block ``pid``: its index, tensor, first element (int64), lanes and in-bounds mask.
 
     Addresses are a scalar base at the block's first element (``_at``) plus int32 lanes:
     one 64-bit address per program, not one per element (which cost registers and spills).
@@ -125,7 +132,6 @@ def _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK: tl.constexpr, ALIGN: tl
     ALIGN (checked on the host), so the mask is constant over runs of ALIGN lanes and the
     compiler may move them with one vector access.
     """
-    pid = tl.program_id(0).to(tl.int64)
     t = tl.load(blk_ptr + pid)
     start = tl.load(blk_ptr + n_blocks + pid)
     if ALIGN > 1:
@@ -402,8 +408,23 @@ def tlr_move_kernel(
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
-    pid, t, start, lanes, in_tensor = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK, ALIGN)
+    """A persistent grid (the launcher sizes it to the GPU, not to the tensors): each program
+    strides over the blocks, and on an ordinary step (flag OPEN) runs no iteration at all."""
     flag = tl.load(flag_ptr)
+    i = tl.program_id(0).to(tl.int64)
+    end = tl.where(flag == OPEN, 0, n_blocks)
+    while i < end:
+        _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, i, flag, scale_ptr, hyp_ptr, PARAM_DTYPE, STATE_DTYPE,
+                    HAS_MOMENTUM, NESTEROV, SNAPSHOT, HAS_SCALE, BLOCK, ALIGN)
+        i += tl.num_programs(0)
+
+
+@triton.jit
+def _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, blk, flag, scale_ptr, hyp_ptr, PARAM_DTYPE: tl.constexpr,
+                STATE_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, SNAPSHOT: tl.constexpr,
+                HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """``tlr_move_kernel``'s work on block ``blk``."""
+    pid, t, start, lanes, in_tensor = _block_at(tab_ptr, n_tensors, blk_ptr, n_blocks, blk, BLOCK, ALIGN)
     live = _and(in_tensor, flag == CLOSES)
     p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE,
                                      ALIGN)

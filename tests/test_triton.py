@@ -462,3 +462,21 @@ def test_kernels_are_the_leaf_of_the_import_graph():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             assert not any(n == "tlr_triton" or n.startswith("tlr_triton.") for n in names), (path.name, names)
+
+
+def test_move_kernel_grid_is_persistent_and_strides_over_the_blocks():
+    """The move kernel's grid does not grow with the model (an ordinary step, where it moves
+    nothing, costs O(1) programs); with more blocks than programs each program strides over
+    several, and the result still matches the reference (3 tensors of 40 blocks each, 64
+    programs off the GPU, a fixed window of 2 so that half the steps move in the move kernel)."""
+    assert launch.move_programs(torch.device("cpu"), 10_000) == launch._MOVE_PROGRAMS_OFF_GPU
+    assert launch.move_programs(torch.device("cpu"), 3) == 3
+    params = [torch.randn(40 * 1024, dtype=torch.float32, requires_grad=True) for _ in range(3)]
+    twins = twin(params)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    ref = ReferenceTLR(twins, lr=0.05, momentum=0.9, window=2)
+    for t in range(4):
+        set_grads([params, twins], t)
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, twins, **FP32, msg=f"step {t}:")
