@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 from bench.models import CharTransformer, mlp  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
 from tlr_triton.reference import HypergradientSGD, NaiveTLR  # noqa: E402

@@ -31,7 +31,7 @@ if DRY:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 from tlr_triton import TLR  # noqa: E402
 from tlr_triton.reference import ReferenceTLR  # noqa: E402
 

@@ -37,7 +37,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensor
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 from tlr_triton import TLR  # noqa: E402
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 from bench.experiments import EPOCHS, LR0, MOMENTUM, TASKS, WEIGHT_DECAY  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 from bench.step_cost import LAYOUTS, grown as _grown  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
 

@@ -1,4 +1,13 @@
 import os
+import sys
+from pathlib import Path
+
+# The repository's top-level `kernels/` (installed as tlr_triton.kernels) shadows an installed
+# PyPI package named `kernels` — which transformers >= 5.25 requires and imports — whenever the
+# repository root comes first on sys.path, as `python -m pytest` puts it. Move the root to the
+# end: it still provides `bench` (and `tlr_triton` without an install), after site-packages.
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT)] + [_ROOT]
 
 # Triton kernels run through the interpreter on machines without a GPU; the variable
 # must be set before any module defining a @triton.jit kernel is imported.

@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         return 0
 
     os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))  # after site-packages: see tests/conftest.py
     configs = configurations(subset=args.subset)
     launches = record(configs)
     print(f"{len(configs)} configurations drove {len(launches)} distinct launches", flush=True)

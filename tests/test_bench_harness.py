@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 pytest.importorskip("sklearn")
 experiments = pytest.importorskip("bench.experiments")
 

@@ -270,3 +270,20 @@ def test_state_dict_with_a_two_value_window_energy_loads_and_steps():
         params[0].grad = torch.randn(4, 3)
         fresh.step()
     assert fresh.param_groups[0]["window_energy"].shape == (3,)
+
+
+def test_repository_root_does_not_shadow_an_installed_kernels_package():
+    """The top-level `kernels/` directory must not stand in for an installed distribution of
+    that import name (transformers >= 5.25 imports PyPI's `kernels`): tests/conftest.py keeps
+    the repository root after site-packages."""
+    import importlib.metadata
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.find_spec("kernels")
+    if "kernels" in importlib.metadata.packages_distributions():
+        assert spec is not None and Path(spec.origin).resolve() != root / "kernels" / "__init__.py", spec.origin
+    import tlr_triton.kernels  # ours, under its installed name
+
+    assert Path(tlr_triton.kernels.__file__).resolve().parent == root / "kernels"
