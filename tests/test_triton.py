@@ -66,34 +66,34 @@ def test_half_precision_matches_reference(dtype, cfg):
         assert all(st[k].dtype == torch.float32 for k in ("window_sum", "prev_window_sum"))
 
 
+def _against_reference(params, steps, tol, msg="", **hyper):
+    """TLR on the Triton path over ``params`` and ReferenceTLR over twins of them, the same
+    gradients, compared after every step; returns the TLR optimizer."""
+    twins = twin(params)
+    opt = TLR(params, backend="triton", **hyper)
+    ref = ReferenceTLR(twins, **hyper)
+    for t in range(steps):
+        set_grads([params, twins], t)
+        opt.step()
+        ref.step()
+        assert_matches_reference(opt, ref, params, twins, **tol, msg=f"{msg}step {t}:")
+    return opt
+
+
 def test_param_groups_and_mixed_dtypes():
     groups = [dict(lr=0.1, momentum=0.9, window=2, scope="tensor"), dict(lr=0.01, statistic="direction", momentum=0.5, window=3), dict(lr=2e-3, window=2, max_window=6)]
     lockstep(groups, steps=8, dtype=torch.float32, **FP32, backend="triton")
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float32]
     params = [torch.randn(s, dtype=d, requires_grad=True) for s, d in zip([(3, 4), (5,), (2, 2), ()], dtypes)]
-    qs = twin(params)
-    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
-    ref = ReferenceTLR(qs, lr=0.05, momentum=0.9, window=2)
-    for t in range(6):
-        set_grads([params, qs], t)
-        opt.step()
-        ref.step()
-        assert_matches_reference(opt, ref, params, qs, rtol=1e-2, atol=1e-2, msg=f"step {t}")
+    _against_reference(params, 6, dict(rtol=1e-2, atol=1e-2), lr=0.05, momentum=0.9, window=2)
 
 
 def test_odd_sizes_zero_size_and_zero_dim():
     shapes = [(1,), (0,), (1023,), (), (1024,), (0, 5), (1025,), (65537,), (3, 7, 5)]
     params = [torch.randn(s, requires_grad=True) for s in shapes]
-    qs = twin(params)
     for scope in ("group", "tensor"):
-        ps, rs = twin(params), twin(qs)
-        opt = TLR(ps, lr=0.05, momentum=0.9, window=2, scope=scope, backend="triton")
-        ref = ReferenceTLR(rs, lr=0.05, momentum=0.9, window=2, scope=scope)
-        for t in range(4):
-            set_grads([ps, rs], t)
-            opt.step()
-            ref.step()
-            assert_matches_reference(opt, ref, ps, rs, **FP32, msg=f"{scope} step {t}")
+        ps = twin(params)
+        opt = _against_reference(ps, 4, FP32, msg=f"{scope} ", lr=0.05, momentum=0.9, window=2, scope=scope)
         assert all(p not in opt.state for p in ps if p.numel() == 0)
 
 
@@ -472,11 +472,4 @@ def test_move_kernel_grid_is_persistent_and_strides_over_the_blocks():
     assert launch.move_programs(torch.device("cpu"), 10_000) == launch._MOVE_PROGRAMS_OFF_GPU
     assert launch.move_programs(torch.device("cpu"), 3) == 3
     params = [torch.randn(40 * 1024, dtype=torch.float32, requires_grad=True) for _ in range(3)]
-    twins = twin(params)
-    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
-    ref = ReferenceTLR(twins, lr=0.05, momentum=0.9, window=2)
-    for t in range(4):
-        set_grads([params, twins], t)
-        opt.step()
-        ref.step()
-        assert_matches_reference(opt, ref, params, twins, **FP32, msg=f"step {t}:")
+    _against_reference(params, 4, FP32, lr=0.05, momentum=0.9, window=2)
