@@ -227,7 +227,7 @@ def tlr_triton_step(
         alpha_ptrs = [alphas[0].data_ptr()]
 
     def build_group():
-        part = torch.zeros(3, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖² per block
+        part = torch.zeros(4, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖², α²‖A‖²
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
         cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)

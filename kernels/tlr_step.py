@@ -10,7 +10,8 @@ the group's step counter and window state (units of W0 steps so far, length k):
    closes as scheduled it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A
    into P and leaves the weights for launch 4; at the other ends of units of an adaptive
    window watched by the blow-up guard it writes the partials and moves the weights.
-   Every step it writes the block's ‖w‖² before the move (the guard's growth test).
+   Every step it writes the block's ‖w‖² before the move (the guard's growth test), and
+   with the partials α²·‖A‖² (α of the block's tensor: the guard's ``MOVE_FLOOR``).
 2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²
    (summed in a fixed order: no atomics, bit-identical runs) it decides whether the window
    closes (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next
@@ -70,6 +71,9 @@ HYPER_SIZE = 8
 # last window's, weights whose Σ‖w‖² grew more than GROWTH-fold since the last closing cut α (tlr_triton.functional.GROWTH, the
 # same value: kernels/ imports nothing from tlr_triton; a test checks they agree).
 GROWTH = tl.constexpr(2.0)
+# Both guard tests count only where Σ α²·‖A‖² per unit exceeds MOVE_FLOOR² · Σ‖w‖² (steps that can
+# throw the weights out; tlr_triton.functional.MOVE_FLOOR, the same value).
+MOVE_FLOOR = tl.constexpr(0.01)
 
 # What the window kernel decides for this step (int32 ``flag``).
 OPEN = tl.constexpr(0)             # the window goes on
@@ -194,7 +198,7 @@ def tlr_step_kernel(
     n_tensors,
     blk_ptr,          # int64 [2, n_blocks]: each block's tensor index and first element
     n_blocks,
-    part_ptr,         # float64 [3, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² of the whole group
+    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖², α²·‖A‖² of the whole group
     n_part,
     part_offset,      # where this bucket's blocks start in part_ptr
     step_ptr,         # int64: the group's step counter (before this step)
@@ -266,7 +270,10 @@ def tlr_step_kernel(
     a = tl.where(counts, a, 0.0)
     tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
-    tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
+    sq = tl.sum(a * a, axis=0).to(tl.float64)
+    tl.store(part_ptr + n_part + part_offset + pid, sq)
+    alpha64 = alpha.to(tl.float64)
+    tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha64 * alpha64 * sq)
 
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
@@ -283,7 +290,8 @@ def _schedule(step_ptr, ws_ptr, window, units):
 
 @triton.jit
 def _reduce(part_ptr, n_part, start, end, RBLOCK: tl.constexpr):
-    """Σ of the partial ⟨A, P⟩ and ‖A‖² of blocks [start, end), in a fixed order (deterministic).
+    """Σ of two consecutive rows of partials (⟨A, P⟩ and ‖A‖², or ‖w‖² and α²·‖A‖²) over blocks [start, end),
+    in a fixed order (deterministic).
 
     A while loop: Triton 3.6's interpreter cannot use a runtime value as a range() bound.
     """
@@ -309,7 +317,7 @@ def _newton_r(dot, sq, bound):
 
 @triton.jit(do_not_specialize=_NO_SPEC_WINDOW)
 def tlr_window_kernel(
-    part_ptr,         # float64 [3, n_part]: per-block ⟨A, P⟩, ‖A‖² and ‖w‖²
+    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² and α²·‖A‖²
     n_part,
     n_total,          # blocks of the whole group
     step_ptr,         # int64: the group's step counter (before this step)
@@ -336,12 +344,15 @@ def tlr_window_kernel(
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
     end = tl.where(needed, n_total, 0)
     dot, sq = _reduce(part_ptr, n_part, 0, end, RBLOCK)
-    weights, _ = _reduce(part_ptr + 2 * n_part, 0, 0, tl.where(watched, end, 0), RBLOCK)
+    weights, moved = _reduce(part_ptr + 2 * n_part, n_part, 0, tl.where(watched, end, 0), RBLOCK)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
+    # The guard watches only steps that can throw the weights out.
+    moving = _and(watched, moved / done.to(tl.float64) > weights * MOVE_FLOOR * MOVE_FLOOR)  # tensor first: the
+    # interpreter turns constexpr * constexpr * tensor into a nested tensor
     reference = tl.maximum(tl.load(we_ptr), tl.load(we_ptr + 1))
-    jump = _and(_and(unit_ends, watched), _and(reference > 0, energy > ratio * reference))
+    jump = _and(_and(unit_ends, moving), _and(reference > 0, energy > ratio * reference))
     no_cap = 1.7976931348623157e308  # the largest float64
     cut = tl.where(jump, 1.0 / (1.0 + tl.sqrt(energy / tl.where(reference > 0, reference, 1.0))), no_cap)
     closes = _or(scheduled, jump)
@@ -349,7 +360,7 @@ def tlr_window_kernel(
     # more than GROWTH-fold.
     last = tl.load(we_ptr + 2)
     rising = _and(dot < 0, energy > tl.load(we_ptr))
-    grows = _and(_and(closes, watched), _and(_and(last > 0, rising), weights > GROWTH * last))
+    grows = _and(_and(closes, moving), _and(_and(last > 0, rising), weights > GROWTH * last))
     cut = tl.minimum(cut, tl.where(grows, 1.0 / (1.0 + tl.sqrt(weights / tl.where(last > 0, last, 1.0))), no_cap))
     tl.store(cut_ptr, cut)
     tl.store(flag_ptr, tl.where(scheduled, CLOSES, tl.where(jump, CLOSES_LATE, OPEN)).to(tl.int32))
@@ -368,7 +379,7 @@ def tlr_window_kernel(
 def tlr_alpha_kernel(
     scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
     n_scopes,
-    part_ptr,         # float64 [3, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
+    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
     n_part,
     flag_ptr,         # int32: the window kernel's decision
     cut_ptr,          # float64: the blow-up guard's cap on the factor

@@ -110,7 +110,7 @@ def test_default_window_is_adaptive_and_matches_reference():
     assert ref.param_groups[0]["units"] > 1  # the window grew at least once
 
 
-def _blowup_run(**cfg):
+def _blowup_run(lr=0.05, **cfg):
     """Noise until the window has grown, then gradients 30 times larger inside it (a blow-up's signature)."""
     log = []
 
@@ -118,7 +118,7 @@ def _blowup_run(**cfg):
         g = opt.param_groups[0]
         log.append((int(g["step"]), [int(x) for x in g["window_state"]], float(g["alpha"])))
 
-    lockstep([{}], steps=60, lr=0.05, window=2, max_window=16, window_reset=0.1, scale_at=lambda t: 30.0 if t >= 41 else 1.0,
+    lockstep([{}], steps=60, lr=lr, window=2, max_window=16, window_reset=0.1, scale_at=lambda t: 30.0 if t >= 41 else 1.0,
              after_step=record, **cfg)
     return log
 
@@ -141,6 +141,29 @@ def test_blowup_guard_closes_the_window_within_one_unit_and_cuts_alpha(host_read
     assert (done, k) == (0, 1)  # closed early, short again
     if cfg.get("scope", "group") == "group":
         assert alpha <= 0.2 * before[-1][2]
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(scope="tensor", momentum=0.9)])
+def test_blowup_guard_ignores_a_jump_under_steps_too_small_to_move_the_weights(host_reads, cfg, monkeypatch):
+    """The same 30-fold jump with α = 1e-6: α·‖A‖ per unit is far below MOVE_FLOOR·‖w‖, so the
+    guard does not trip (the window stays open, α is not cut: a gradient spike under a tiny α
+    used to cut it again and again, towards 1e-37); both paths agree with the reference at every
+    step. With MOVE_FLOOR = 0 the same run trips at the end of the jump's first unit."""
+    from tlr_triton import functional, reference
+
+    if not host_reads:
+        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
+    log = _blowup_run(lr=1e-6, **cfg)
+    before = log[40][2]
+    step, (done, k), alpha = log[41]  # after the step that ends the jump's first unit
+    assert (done, k) != (0, 1) and k >= 3  # the window is still open and long
+    if cfg.get("scope", "group") == "group":
+        assert alpha >= 0.75 * before  # no cut: at most the Newton step's shrink
+    monkeypatch.setattr(functional, "MOVE_FLOOR", 0.0)
+    monkeypatch.setattr(reference, "MOVE_FLOOR", 0.0)
+    tripped = _blowup_run(lr=1e-6, **cfg)
+    assert tripped[41][1] == [0, 1]
 
 
 def _growth_run(**cfg):

@@ -418,6 +418,17 @@ def test_blowup_guard_matches_reference(cfg):
     assert max(lengths[:27]) >= 3 and lengths[27] == 1, lengths
 
 
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+def test_blowup_guard_ignores_a_jump_under_steps_too_small_to_move_the_weights(scope):
+    """The jump above with α = 1e-6: the step kernel's α²·‖A‖² partials keep it below
+    MOVE_FLOOR²·Σ‖w‖², so the window kernel does not close the window; as the reference."""
+    lengths = []
+    lockstep([{}], steps=30, **FP32, lr=1e-6, backend="triton", window=2, max_window=16, window_reset=0.1,
+             momentum=0.9, scope=scope, scale_at=lambda t: 30.0 if t >= 27 else 1.0,
+             after_step=lambda opt, ref: lengths.append(int(opt.param_groups[0]["window_state"][1])))
+    assert max(lengths[:27]) >= 3 and lengths[27] != 1, lengths
+
+
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, blowup_ratio=1e6),
                                  dict(momentum=0.9, scope="tensor", nesterov=True, weight_decay=1e-2)])
 def test_blowup_guard_growth_test_matches_reference(cfg, monkeypatch):
@@ -445,11 +456,12 @@ def test_blowup_guard_growth_test_matches_reference(cfg, monkeypatch):
     assert with_test != without
 
 
-def test_growth_constant_is_the_same_in_kernels_and_functional():
+def test_guard_constants_are_the_same_in_kernels_and_functional():
     from tlr_triton import functional
     from tlr_triton.kernels import tlr_step
 
     assert tlr_step.GROWTH.value == functional.GROWTH
+    assert tlr_step.MOVE_FLOOR.value == functional.MOVE_FLOOR
 
 
 def test_kernels_are_the_leaf_of_the_import_graph():

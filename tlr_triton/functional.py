@@ -32,6 +32,13 @@ __all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "snap
 # the same constant (it imports nothing from here; a test checks they agree).
 GROWTH = 2.0
 
+# The guard watches only units that move the weights: both its tests need the window's
+# displacement energy Σ α²·‖A‖² per unit (α of each tensor's scope) above MOVE_FLOOR² times
+# Σ‖w‖², i.e. α·‖A‖ per unit at least 1% of ‖w‖. A gradient spike under a step too small to
+# throw the weights out is noise, and cutting α for it let α collapse towards 0 (1e-37) at
+# small batches (docs/defaults.md, "Blow-up guard"). kernels/tlr_step.py holds the same constant.
+MOVE_FLOOR = 0.01
+
 # α is stored in float32; a product that leaves the normal float32 range is refused
 # (α keeps its old value), so α is never 0, subnormal, inf or NaN.
 _ALPHA_TINY = torch.finfo(torch.float32).tiny
@@ -270,7 +277,9 @@ def tlr(
             1/(1 + √q), q that ratio. At every closing, if ⟨A, P⟩ < 0 while Σ‖w‖² (before
             this step's move) has grown more than ``GROWTH`` times since the last closing
             and ‖A‖² per unit exceeds the last window's, every α's factor is also at most
-            1/(1 + √q), q that growth, and k becomes 1.
+            1/(1 + √q), q that growth, and k becomes 1. Both tests count only where
+            Σ α²·‖A‖² per unit (α of each tensor's scope) exceeds ``MOVE_FLOOR``² times
+            Σ‖w‖²: steps that can throw the weights out.
         lr_factor: a learning-rate schedule's factor (``lr / initial_lr``, a float or a
             0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
             without it.
@@ -434,7 +443,7 @@ def tlr(
 def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None,
                        sharded_tensors=False, params=None):
     """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], the group's total ⟨A, P⟩ and ‖A‖², and
-    its Σ‖w‖² (float64; None unless ``params`` are given: the blow-up guard's growth test).
+    its Σ‖w‖² and Σ α²·‖A‖² (float64; None unless ``params`` are given: the blow-up guard's).
 
     With ``shard_group`` the group's totals (and, for ``sharded_tensors`` with scope
     "tensor", every tensor's) are summed over its ranks: one all-reduce, in float64 so
@@ -448,26 +457,42 @@ def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, sh
         sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
     else:  # a rank that holds none of this group's tensors still joins the collective
         dot = sq = torch.zeros((), dtype=acc, device=device)
-    weights = None if params is None else _weights_total(params, device)
+    weights = moved = None
+    if params is not None:
+        weights = _weights_total(params, device)
+        moved = _moved_total(buckets, stats, alphas, scope, device)
     if shard_group is not None:
         import torch.distributed as dist
 
         per_tensor = sharded_tensors and scope == "tensor" and stats
-        head = [dot, sq] + ([] if weights is None else [weights])
+        # Σ α²·‖A‖² of this rank's tensors (or shards): summed over the ranks like the rest
+        head = [dot, sq] + ([] if weights is None else [weights, moved])
         parts = [torch.stack([t.to(torch.float64) for t in head])] + (
             [t for pair in stats for t in pair] if per_tensor else [])
         total = torch.cat([t.to(torch.float64) for t in parts])
         dist.all_reduce(total, group=shard_group)
         dot, sq = total[:2].to(acc).unbind(0)
         if weights is not None:
-            weights = total[2]
+            weights, moved = total[2], total[3]
         if per_tensor:
             sizes = [len(t) for pair in stats for t in pair]
             summed = list(total[len(head):].split(sizes))
             stats = [(summed[2 * i], summed[2 * i + 1]) for i in range(len(stats))]
     if scope == "group":
-        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq, weights
-    return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq, weights
+        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq, weights, moved
+    return ([([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq, weights,
+            moved)
+
+
+def _moved_total(buckets, stats, alphas, scope, device) -> Tensor:
+    """Σ α²·‖A‖² over the tensors (α: each tensor's scope's), float64 0-dim: the guard's ``MOVE_FLOOR`` test."""
+    if not stats:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    parts = []
+    for idx, (_, s) in zip(buckets, stats):
+        a = alphas[0].to(torch.float64) if scope == "group" else torch.stack([alphas[i] for i in idx]).to(torch.float64)
+        parts.append((a.square() * s.to(torch.float64)).sum())
+    return torch.stack(parts).sum()
 
 
 def _weights_total(params: list[Tensor], device: torch.device) -> Tensor:
@@ -567,15 +592,20 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     dot, sq = _host_totals(window_sums, prev_window_sums)
     energy = sq / done
     jump = guarded and energy > blowup_ratio * reference
-    cut = 1.0 / (1.0 + math.sqrt(energy / reference)) if jump else math.inf
     if done < k and not jump:  # the guard's test on ‖A‖² alone tripped, the float64 total does not
         window_state[0] = done
         return [], []
-    weights = energies[2]
-    if blowup_ratio is not None:  # the growth test, on the weights before this step's move
+    weights, moving = energies[2], False
+    if blowup_ratio is not None:  # the weights before this step's move; the guard watches steps that move them
         weights = float(_weights_total(params, alpha.device))
-        if energies[2] > 0 and dot < 0 and energy > energies[0] and weights > GROWTH * energies[2]:
-            jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / energies[2])))
+        moving = float(alpha) ** 2 * energy > MOVE_FLOOR ** 2 * weights
+        jump = jump and moving
+        if done < k and not jump:
+            window_state[0] = done
+            return [], []
+    cut = 1.0 / (1.0 + math.sqrt(energy / reference)) if jump else math.inf
+    if moving and energies[2] > 0 and dot < 0 and energy > energies[0] and weights > GROWTH * energies[2]:  # growth
+        jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / energies[2])))
     large = abs(_host_factor(dot, sq, bound) - 1.0) >= window_reset
     next_k = 1 if large or jump else min(k + 1, units)
 
@@ -602,18 +632,19 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
     if host_reads_free(window_state.device) and squares is not None:
         if _host_unit(squares, window_state, units, blowup_ratio, window_energy) is None:
             return [], []
-    scopes, dot, sq, weights = statistics()
+    scopes, dot, sq, weights, moved = statistics()
     done, k = window_state[0] + 1, window_state[1].clamp(max=units)
     scheduled = done >= k
     energy = sq.to(torch.float64) / done
     if blowup_ratio is not None:
         reference = window_energy[:2].max()
-        jump = (reference > 0) & (energy > blowup_ratio * reference)
+        moving = moved / done > MOVE_FLOOR ** 2 * weights  # the guard watches steps that can throw the weights out
+        jump = moving & (reference > 0) & (energy > blowup_ratio * reference)
         cut = torch.where(jump, 1.0 / (1.0 + (energy / reference.clamp_min(_ALPHA_TINY)).sqrt()), math.inf)
         # The growth test (at a closing): ⟨A, P⟩ < 0 and ‖A‖² per unit above the last window's
         # while Σ‖w‖² grew more than GROWTH-fold.
         last = window_energy[2]
-        grows = (scheduled | jump) & (last > 0) & (dot < 0) & (energy > window_energy[0]) & (weights > GROWTH * last)
+        grows = moving & (scheduled | jump) & (last > 0) & (dot < 0) & (energy > window_energy[0]) & (weights > GROWTH * last)
         cut = torch.minimum(cut, torch.where(grows, 1.0 / (1.0 + (weights / last.clamp_min(_ALPHA_TINY)).sqrt()),
                                              math.inf))
         jump_or_grows = jump | grows

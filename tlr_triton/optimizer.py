@@ -14,10 +14,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .functional import GROWTH, advance_step, state_dtype, tlr, window_representation
+from .functional import GROWTH, MOVE_FLOOR, advance_step, state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "window_schedule", "DEFAULT_LR", "DEFAULT_WINDOW", "AUTO_WINDOW",
-           "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET", "DEFAULT_BLOWUP_RATIO", "GROWTH"]
+           "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET", "DEFAULT_BLOWUP_RATIO", "GROWTH",
+           "MOVE_FLOOR"]
 
 SCOPES = ("group", "tensor")
 STATISTICS = ("gradient", "direction")
@@ -42,6 +43,8 @@ DEFAULT_BLOWUP_RATIO = 16.0
 # Its growth test (functional.GROWTH), at every closing: consecutive windows disagree
 # (⟨A, P⟩ < 0) and ‖A‖² per unit rises while the weights' Σ‖w‖² has grown more than GROWTH
 # times since the last closing — a blow-up too gradual for the ‖A‖² test (docs/defaults.md, "Blow-up guard").
+# Both tests count only steps that can throw the weights out: α·‖A‖ per unit at least
+# functional.MOVE_FLOOR (1%) of ‖w‖.
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
@@ -387,7 +390,9 @@ class TLR(Optimizer):
     α's factor is at most 1/(1 + √q), q that ratio. And at every closing, if ⟨A, P⟩ < 0,
     ‖A‖² per unit exceeds the last window's and the weights' Σ‖w‖² has grown more than
     ``GROWTH`` (2) times since the last closing, every α's factor is at most 1/(1 + √q)
-    with q that growth, and k becomes 1.
+    with q that growth, and k becomes 1. Both tests count only where the steps can throw
+    the weights out: Σ α²·‖A‖² per unit (α of each tensor's scope) above ``MOVE_FLOOR``²
+    (1e-4) times Σ‖w‖², so a gradient spike under a tiny α does not cut it further.
     Decided on the device (on the CPU, where reading is free, on the host).
 
     Parameters whose ``grad`` is None are skipped: their state is untouched, they add

@@ -16,7 +16,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH,
+from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH, MOVE_FLOOR,
                         check_hyperparameters, window_schedule)
 
 __all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
@@ -118,43 +118,52 @@ class ReferenceTLR(Optimizer):
         scheduled = jump = False
         cut = math.inf  # no cap on α's factor unless the blow-up guard trips
         weights = None  # Σ‖w‖² before this step's move, at unit ends the guard watches
+        moving = False  # whether this unit's steps can throw the weights out (the guard watches only those)
         if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
             group["units_done"] += 1
             scheduled = group["units_done"] >= min(group["units"], max_units)
             if max_units > 1 and group["blowup_ratio"] is not None:
                 weights = sum(float(p.detach().double().square().sum()) for p in live)
                 # The blow-up guard: ‖A‖² per unit of the window so far against the larger of
-                # the last two windows'. A jump closes the window after this step's move.
+                # the last two windows'. A jump closes the window after this step's move. It
+                # counts only where α·‖A‖ per unit is at least MOVE_FLOOR·‖w‖ (α²·‖A‖² summed
+                # over the tensors, α each one's scope's).
                 energy = _sum_of(self.state, live, "window_sum", "window_sum") / group["units_done"]
+                moved = sum(self._alpha(group, p) ** 2 * _sum_of(self.state, [p], "window_sum", "window_sum")
+                            for p in live) / group["units_done"]
+                moving = moved > MOVE_FLOOR ** 2 * weights
                 reference = max(group["energy"])
-                jump = reference > 0 and energy > group["blowup_ratio"] * reference
+                jump = moving and reference > 0 and energy > group["blowup_ratio"] * reference
                 if jump:
                     cut = 1.0 / (1.0 + math.sqrt(energy / reference))
 
         if scheduled:  # α first, then the move (Algorithm 2's order)
-            self._close_window(group, live, max_units, jump, cut, weights)
+            self._close_window(group, live, max_units, jump, cut, weights, moving)
         factor = float(group["lr"]) / float(group["initial_lr"])
         for p in live:
-            alpha = group["alpha"] if group["scope"] == "group" else self.state[p]["alpha"]
-            p.copy_(p.double() - alpha * factor * directions[p])
+            p.copy_(p.double() - self._alpha(group, p) * factor * directions[p])
         if jump and not scheduled:  # an early close takes effect from the next step
-            self._close_window(group, live, max_units, jump, cut, weights)
+            self._close_window(group, live, max_units, jump, cut, weights, moving)
         group["step"] += 1
 
-    def _close_window(self, group, live, max_units, jump, cut, weights=None):
+    def _alpha(self, group, p) -> float:
+        return group["alpha"] if group["scope"] == "group" else self.state[p]["alpha"]
+
+    def _close_window(self, group, live, max_units, jump, cut, weights=None, moving=False):
         """α ← α·(1 + r) per scope (at most ``cut`` after a jump), the next window's length, P ← A, A ← 0.
 
         ``weights``: Σ‖w‖² before this step's move when the blow-up guard watches. Its growth
-        test: consecutive windows disagree (⟨A, P⟩ < 0), ‖A‖² per unit exceeds the last
-        window's, and Σ‖w‖² has grown more than ``GROWTH`` times since the last closing —
-        iterates thrown outward, a blow-up too slow for the ‖A‖² test — so every α's factor
-        is at most 1/(1 + √q), q that growth, and the next window is one unit long.
+        test (where the steps are ``moving``): consecutive windows disagree (⟨A, P⟩ < 0),
+        ‖A‖² per unit exceeds the last window's, and Σ‖w‖² has grown more than ``GROWTH``
+        times since the last closing — iterates thrown outward, a blow-up too slow for the
+        ‖A‖² test — so every α's factor is at most 1/(1 + √q), q that growth, and the next
+        window is one unit long.
         """
         dot = _sum_of(self.state, live, "window_sum", "prev_window_sum")
         sq = _sum_of(self.state, live, "window_sum", "window_sum")
         if weights is not None:
             rising = sq / group["units_done"] > group["energy"][0]
-            if group["weights"] > 0 and dot < 0 and rising and weights > GROWTH * group["weights"]:
+            if moving and group["weights"] > 0 and dot < 0 and rising and weights > GROWTH * group["weights"]:
                 jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / group["weights"])))
             group["weights"] = weights
         large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
