@@ -272,8 +272,9 @@ def tlr_step_kernel(
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     sq = tl.sum(a * a, axis=0).to(tl.float64)
     tl.store(part_ptr + n_part + part_offset + pid, sq)
-    alpha64 = alpha.to(tl.float64)
-    tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha64 * alpha64 * sq)
+    if not SNAPSHOT:  # the guard's MOVE_FLOOR test (a guarded window never uses snapshots; there it spilled)
+        alpha64 = alpha.to(tl.float64)
+        tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha64 * alpha64 * sq)
 
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
