@@ -592,17 +592,14 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     dot, sq = _host_totals(window_sums, prev_window_sums)
     energy = sq / done
     jump = guarded and energy > blowup_ratio * reference
-    if done < k and not jump:  # the guard's test on ‖A‖² alone tripped, the float64 total does not
+    weights, moving = energies[2], False
+    if blowup_ratio is not None and (jump or done >= k):  # the weights before this step's move
+        weights = float(_weights_total(params, alpha.device))
+        moving = float(alpha) ** 2 * energy > MOVE_FLOOR ** 2 * weights  # steps that can throw them out
+        jump = jump and moving
+    if done < k and not jump:  # the float64 total, or the steps' size, does not confirm the ‖A‖² test
         window_state[0] = done
         return [], []
-    weights, moving = energies[2], False
-    if blowup_ratio is not None:  # the weights before this step's move; the guard watches steps that move them
-        weights = float(_weights_total(params, alpha.device))
-        moving = float(alpha) ** 2 * energy > MOVE_FLOOR ** 2 * weights
-        jump = jump and moving
-        if done < k and not jump:
-            window_state[0] = done
-            return [], []
     cut = 1.0 / (1.0 + math.sqrt(energy / reference)) if jump else math.inf
     if moving and energies[2] > 0 and dot < 0 and energy > energies[0] and weights > GROWTH * energies[2]:  # growth
         jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / energies[2])))
@@ -644,7 +641,8 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
         # The growth test (at a closing): ⟨A, P⟩ < 0 and ‖A‖² per unit above the last window's
         # while Σ‖w‖² grew more than GROWTH-fold.
         last = window_energy[2]
-        grows = moving & (scheduled | jump) & (last > 0) & (dot < 0) & (energy > window_energy[0]) & (weights > GROWTH * last)
+        grows = (moving & (scheduled | jump) & (last > 0) & (dot < 0) & (energy > window_energy[0])
+                 & (weights > GROWTH * last))
         cut = torch.minimum(cut, torch.where(grows, 1.0 / (1.0 + (weights / last.clamp_min(_ALPHA_TINY)).sqrt()),
                                              math.inf))
         jump_or_grows = jump | grows
