@@ -14,13 +14,16 @@ gradient tensors) and reused otherwise.
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
+from itertools import repeat
 
 import torch
 from torch import Tensor
 
 from . import tlr_step as K  # the package's only import: kernels/ is the leaf of the import graph
 
+_DTYPE = operator.attrgetter("dtype")
 PARAM_ROW, PREV_ROW, NUMEL_ROW = K.PARAM.value, K.PREV.value, K.NUMEL.value  # rows of the address table
 
 BLOCK = 1024   # elements per program of the step and move kernels (half that for fp64 weights: see block_size)
@@ -105,15 +108,31 @@ def _alignment(rows, itemsize: int) -> int:
     return 1
 
 
-def _bucket_table(device, rows, nblk, itemsize, block):
-    """int64 [TABLE_ROWS, n] addresses/numels/flags, int64 [2, n_blocks] block map, ALIGN."""
+def _bucket_table(key, itemsize):
+    """For a bucket's key (``tlr_triton_step``): a serial number (unique, for the group's key), the
+    int64 [TABLE_ROWS, n] addresses/numels/flags, the int64 [2, n_blocks] block map, ALIGN,
+    BLOCK and the blocks per tensor."""
+    device, dtype, p, g, b, s, v, a, numels, firsts = key
+    n = len(p)
+    rows = [list(p), list(g), list(b) if b is not None else [0] * n, list(s), list(v),
+            list(a) * n if len(a) == 1 else list(a), list(numels), list(firsts)]
+    block = block_size(dtype)
+    nblk = [(m + block - 1) // block for m in numels]
     tab = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     counts = torch.tensor(nblk, dtype=torch.int64)
     tensor_of_block = torch.repeat_interleave(torch.arange(len(nblk), dtype=torch.int64), counts, output_size=sum(nblk))
     first_block = torch.cumsum(counts, 0) - counts
     offset = (torch.arange(sum(nblk), dtype=torch.int64) - first_block[tensor_of_block]) * block
     blk = torch.stack([tensor_of_block, offset]).to(device, non_blocking=True)
-    return tab, blk, _alignment(rows, itemsize)
+    return tables.builds, tab, blk, _alignment(rows, itemsize), block, nblk
+
+
+def _picker(idx: list[int]):
+    """A function giving the entries of a list at ``idx``, as a list (C-level for more than one)."""
+    if len(idx) == 1:
+        return lambda xs: [xs[idx[0]]]
+    get = operator.itemgetter(*idx)
+    return lambda xs: list(get(xs))
 
 
 def _scope_table(device, scope, nblks, part_offsets, alpha_ptrs):
@@ -175,54 +194,49 @@ def tlr_triton_step(
     window's blow-up guard (``functional.tlr``).
     """
     device = step.device
-    alpha_of = (lambda i: alphas[0]) if scope == "group" else (lambda i: alphas[i])
-    state_key = []
     launches = []
-    part_offsets, nblks, alpha_ptrs = [], [], []
+    serials, part_offsets, nblks, alpha_ptrs = [], [], [], []
     copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
     total = 0
     for idx, snap in zip(buckets, snapshots):
+        pick = _picker(idx)
         dtype = params[idx[0]].dtype
-        work_p, work_g, firsts = [], [], []
-        for i in idx:
-            p = params[i]
-            pc = p if p.is_contiguous() else p.contiguous()
-            if pc is not p:
-                copies.append((p, pc))
-            work_p.append(pc)
-            g = grads[i]
-            work_g.append(g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype))
-            if first_steps is not None:
-                firsts.append(int(first_steps[i]))
-            elif momentum != 0 and momentum_buffers[i] is None:  # b = u at this first step
-                momentum_buffers[i] = torch.zeros_like(pc, dtype=prev_window_sums[i].dtype,  # the state dtype
-                                                       memory_format=torch.contiguous_format)
-                firsts.append(1)
-            else:
-                firsts.append(0)
-        numels = [p.numel() for p in work_p]
-        block = block_size(dtype)
-        nblk = [(n + block - 1) // block for n in numels]
-        rows = [
-            [p.data_ptr() for p in work_p],
-            [g.data_ptr() for g in work_g],
-            [momentum_buffers[i].data_ptr() if momentum != 0 else 0 for i in idx],
-            [window_sums[i].data_ptr() for i in idx],
-            [prev_window_sums[i].data_ptr() for i in idx],
-            [alpha_of(i).data_ptr() for i in idx],
-            numels,
-            firsts,
-        ]
-        key = (device, dtype, tuple(map(tuple, rows)))
+        work_p, work_g, bufs = pick(params), pick(grads), pick(momentum_buffers)
+        # The usual case, checked with C-level maps (this runs every step): contiguous
+        # weights, contiguous gradients of the weights' dtype, every momentum buffer there.
+        if not all(map(Tensor.is_contiguous, work_p)):
+            work_p = [p if p.is_contiguous() else p.contiguous() for p in work_p]
+            copies += [(params[i], pc) for i, pc in zip(idx, work_p) if pc is not params[i]]
+        if not (all(map(Tensor.is_contiguous, work_g)) and set(map(_DTYPE, work_g)) == {dtype}):
+            work_g = [g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype) for g in work_g]
+        if first_steps is not None:
+            firsts = tuple(int(first_steps[i]) for i in idx)
+        elif momentum != 0 and any(map(operator.is_, bufs, repeat(None))):
+            firsts = tuple(int(b is None) for b in bufs)
+            for j, i in enumerate(idx):
+                if bufs[j] is None:  # b = u at this first step; the state dtype
+                    momentum_buffers[i] = bufs[j] = torch.zeros_like(work_p[j], dtype=prev_window_sums[i].dtype,
+                                                                     memory_format=torch.contiguous_format)
+        else:
+            firsts = (0,) * len(idx)
+        ptr = Tensor.data_ptr
+        key = (
+            device, dtype,
+            tuple(map(ptr, work_p)), tuple(map(ptr, work_g)),
+            tuple(map(ptr, bufs)) if momentum != 0 else None,
+            tuple(map(ptr, pick(window_sums))), tuple(map(ptr, pick(prev_window_sums))),
+            (alphas[0].data_ptr(),) if scope == "group" else tuple(map(ptr, pick(alphas))),
+            tuple(map(Tensor.numel, work_p)), firsts,
+        )
         itemsize = min(dtype.itemsize, prev_window_sums[idx[0]].dtype.itemsize)
-        tab, blk, align = tables.get(key, lambda: _bucket_table(device, rows, nblk, itemsize, block))
-        state_key.append(key)
+        serial, tab, blk, align, block, nblk = tables.get(key, lambda: _bucket_table(key, itemsize))
+        serials.append(serial)
         launches.append((idx, dtype, snap, tab, blk, align, block, len(idx), sum(nblk), total))
         part_offsets.append(total)
         nblks.append(nblk)
         total += sum(nblk)
         if scope == "tensor":
-            alpha_ptrs += rows[5]
+            alpha_ptrs += key[7]
     if scope == "group":
         alpha_ptrs = [alphas[0].data_ptr()]
 
@@ -232,7 +246,8 @@ def tlr_triton_step(
         cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
-    part, flag, cut, scopes = tables.get(("group", device, scope, tuple(state_key)), build_group)
+    # the group's tables depend on its buckets' alone (their layouts and α addresses, in order)
+    part, flag, cut, scopes = tables.get(("group", device, scope, tuple(serials)), build_group)
     hyper = _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor,
                    blowup_ratio if units > 1 and blowup_ratio is not None else 0.0)
     dummy = flag  # any device pointer, never read when the matching flag is off
