@@ -178,6 +178,7 @@ def tlr_triton_step(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     first_steps: list[bool] | None = None,
+    snapshot_form: tuple[float, float] = (0.0, 1.0),
 ) -> None:
     """One TLR step of one param group on the Triton path (see the module docstring).
 
@@ -185,8 +186,9 @@ def tlr_triton_step(
     when ``first_steps`` is given, every buffer exists and the flags say which are new.
 
     ``buckets`` are the indices of the tensors of each (device, dtype); ``window_sums``
-    holds S (the window-start weights, parameter dtype) for the buckets whose entry of
-    ``snapshots`` is True (the caller's window representation), else A. ``step`` is the
+    holds the window-start snapshot S (parameter dtype) for the buckets whose entry of
+    ``snapshots`` is True (the caller's window representation), else A; ``snapshot_form``
+    is its (κ, c): A = c·(S - (w - α·κ·b))/α (``functional.snapshot_form``). ``step`` is the
     group's int64 step counter on the device, read here and advanced by the caller.
     ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
     updated here; windows are k·``window`` steps, 1 <= k <= ``units``. ``blowup_ratio``
@@ -241,7 +243,7 @@ def tlr_triton_step(
         alpha_ptrs = [alphas[0].data_ptr()]
 
     def build_group():
-        part = torch.zeros(4, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖², α²‖A‖²
+        part = torch.zeros(4, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖², α
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
         cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
@@ -249,7 +251,7 @@ def tlr_triton_step(
     # the group's tables depend on its buckets' alone (their layouts and α addresses, in order)
     part, flag, cut, scopes = tables.get(("group", device, scope, tuple(serials)), build_group)
     hyper = _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor,
-                   blowup_ratio if units > 1 and blowup_ratio is not None else 0.0)
+                   blowup_ratio if units > 1 and blowup_ratio is not None else 0.0, snapshot_form)
     dummy = flag  # any device pointer, never read when the matching flag is off
     kw = dict(
         HAS_MOMENTUM=momentum != 0,
@@ -278,23 +280,25 @@ def tlr_triton_step(
         )
         for idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset in launches:
             K.tlr_move_kernel[(move_programs(device, n_blocks),)](
-                tab, n, blk, n_blocks, flag,
+                tab, n, blk, n_blocks, flag, part, part.shape[1], offset,
                 grad_scale if grad_scale is not None else dummy, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
-                SNAPSHOT=snap, BLOCK=block, ALIGN=align, num_warps=NUM_WARPS, **kw,
+                SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap, BLOCK=block, ALIGN=align,
+                num_warps=NUM_WARPS, **kw,
             )
     for p, pc in copies:
         p.copy_(pc)
 
 
-def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor, blowup_ratio) -> Tensor:
+def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor, blowup_ratio,
+           snapshot_form) -> Tensor:
     """The float64 hyper-parameter vector the kernels read (``tlr_step.H_*``), memoised on its values.
 
     float() each: a hyper-parameter given as an int (weight_decay=1) is the same value. A
     tensor ``lr_factor`` (a tensor lr) is put in place on the device, without a host read.
     """
     head = tuple(map(float, (momentum, dampening, weight_decay, -1.0 if maximize else 1.0, bound, window_reset)))
-    tail = (float(blowup_ratio),)
+    tail = (float(blowup_ratio), *map(float, snapshot_form))
 
     def vector(values):
         return tables.get(("hyper", device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
@@ -353,6 +357,8 @@ def triton_step_op(
     found_inf: Tensor | None,
     bucket_of: list[int],
     snapshots: list[bool],
+    snapshot_kappa: float,
+    snapshot_c: float,
 ) -> None:
     """``tlr_triton_step`` as a custom op: momentum buffers must exist (empty list without momentum);
     ``bucket_of`` gives each tensor's bucket, whose window representation is ``snapshots[bucket]``."""
@@ -365,11 +371,13 @@ def triton_step_op(
         maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=buckets, snapshots=snapshots,
         lr_factor=lr_factor_tensor if lr_factor_tensor is not None else lr_factor,
         grad_scale=grad_scale, found_inf=found_inf, first_steps=first_steps if momentum != 0 else None,
+        snapshot_form=(snapshot_kappa, snapshot_c),
     )
 
 
 @triton_step_op.register_fake
 def _(params, grads, momentum_buffers, first_steps, window_sums, prev_window_sums, alphas, step, window, units,
       window_reset, window_state, blowup_ratio, window_energy, momentum, dampening, weight_decay, nesterov, maximize,
-      bound, statistic, scope, lr_factor, lr_factor_tensor, grad_scale, found_inf, bucket_of, snapshots):
+      bound, statistic, scope, lr_factor, lr_factor_tensor, grad_scale, found_inf, bucket_of, snapshots, snapshot_kappa,
+      snapshot_c):
     return None

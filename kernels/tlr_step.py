@@ -10,8 +10,8 @@ the group's step counter and window state (units of W0 steps so far, length k):
    closes as scheduled it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A
    into P and leaves the weights for launch 4; at the other ends of units of an adaptive
    window watched by the blow-up guard it writes the partials and moves the weights.
-   Every step it writes the block's ‖w‖² before the move (the guard's growth test), and
-   with the partials α²·‖A‖² (α of the block's tensor: the guard's ``MOVE_FLOOR``).
+   Every step it writes the block's ‖w‖² before the move (the guard's growth test) and the
+   α it moves with (the guard's ``MOVE_FLOOR`` weighs ‖A‖² by α²).
 2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²
    (summed in a fixed order: no atomics, bit-identical runs) it decides whether the window
    closes (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next
@@ -22,8 +22,9 @@ the group's step counter and window state (units of W0 steps so far, length k):
    and writes α.
 4. ``tlr_move_kernel``, a persistent grid sized to the GPU striding over the blocks: on a
    scheduled closing, moves the weights with the new α (Algorithm 2's order) and restarts
-   the window snapshot; on an early one, P ← A and A ← 0 (the weights moved in launch 1);
-   otherwise each program reads the flag and exits.
+   the window snapshot; on an early one (the weights moved in launch 1), P ← A and A ← 0,
+   or with a snapshot P ← A recovered with the α launch 1 moved with (row 3 of the
+   partials) and the snapshot restarted; otherwise each program reads the flag and exits.
 
 Tensors are reached through a table of addresses (one int64 row per kind of tensor),
 blocks through a block → (tensor, offset) map; offsets are int64, so one tensor may
@@ -32,10 +33,15 @@ every address and size of the bucket) lets the compiler use 16-byte vector acces
 state and every reduction are fp32 (fp64 for fp64 weights); α is fp32.
 
 Two ways to hold the window sum A (SPEC's "A ← A + u"):
-- SNAPSHOT (statistic "direction", or momentum 0, for fp32/fp64 weights): A is the
-  displacement since the window started, (S - w)/α, with S a copy of the weights taken
-  at the window's start. An ordinary step then touches exactly what fused SGD touches.
-- otherwise A is summed in an fp32 buffer: one extra read and write per element.
+- SNAPSHOT (fp32/fp64 weights, no learning-rate schedule): A is recovered from the
+  window's start. Within a window α is constant, so with z = w - α·κ·b (b the momentum
+  buffer) the window's sum so far is A = c·(S - z)/α, S = z at the window's start:
+  statistic "direction" or momentum 0: κ = 0, c = 1 (A is the displacement over α);
+  "gradient" with heavy-ball momentum μ: κ = μ/(1 - μ), c = 1 - μ (from b_t - μ·b_{t-1} = u_t
+  and Σ b_t = Σ displacement/α); with nesterov κ = μ²/(1 - μ) (docs/triton.md derives
+  them.) An ordinary step then reads and writes exactly what fused SGD does; S is read
+  only where ⟨A, P⟩ and ‖A‖² are needed and rewritten at a closing.
+- otherwise A is summed in a buffer of the state dtype: one extra read and write per element.
 """
 
 import triton
@@ -65,7 +71,9 @@ H_BOUND = tl.constexpr(4)          # the paper's c
 H_WINDOW_RESET = tl.constexpr(5)
 H_LR_FACTOR = tl.constexpr(6)      # a learning-rate schedule's factor: the weights move by α · factor · d
 H_BLOWUP = tl.constexpr(7)         # the adaptive window's blow-up guard ratio (0: off)
-HYPER_SIZE = 8
+H_KAPPA = tl.constexpr(8)          # SNAPSHOT: A = c·(S - (w - α·κ·b))/α
+H_SNAP_C = tl.constexpr(9)
+HYPER_SIZE = 10
 
 # The blow-up guard's growth test: at a closing with ⟨A, P⟩ < 0 and ‖A‖² per unit above the
 # last window's, weights whose Σ‖w‖² grew more than GROWTH-fold since the last closing cut α (tlr_triton.functional.GROWTH, the
@@ -86,7 +94,7 @@ CLOSES_LATE = tl.constexpr(2)      # the blow-up guard closes it after this step
 _NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "window", "units"]
 _NO_SPEC_WINDOW = ["n_part", "n_total", "window", "units"]
 _NO_SPEC_ALPHA = ["n_scopes", "n_part"]
-_NO_SPEC_MOVE = ["n_tensors", "n_blocks"]
+_NO_SPEC_MOVE = ["n_tensors", "n_blocks", "n_part", "part_offset"]
 
 
 @triton.jit
@@ -198,7 +206,7 @@ def tlr_step_kernel(
     n_tensors,
     blk_ptr,          # int64 [2, n_blocks]: each block's tensor index and first element
     n_blocks,
-    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖², α²·‖A‖² of the whole group
+    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² and α of the whole group
     n_part,
     part_offset,      # where this bucket's blocks start in part_ptr
     step_ptr,         # int64: the group's step counter (before this step)
@@ -213,7 +221,7 @@ def tlr_step_kernel(
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     SUM_DIRECTION: tl.constexpr,   # statistic "direction" (A sums d) or "gradient" (A sums u)
-    SNAPSHOT: tl.constexpr,        # WINDOW row holds the window-start weights S, not A
+    SNAPSHOT: tl.constexpr,        # WINDOW row holds the window-start snapshot S, not A
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -251,11 +259,21 @@ def tlr_step_kernel(
 
     alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
     if SNAPSHOT:
-        # A so far is the displacement since the window's start; add this step's d.
-        # (Only without the blow-up guard, whose early close comes after α has changed.)
+        # A so far, recovered from the window's snapshot, plus this step's term:
+        # c·(S - z)/α with z = w - α·κ·b_old is c·(S - w)/α + c·κ·b_old, and c·κ·b_old + u is
+        # the new buffer μ·b_old + u with heavy ball, μ·b + (1 - μ)·u with nesterov (b new),
+        # so the old buffer need not stay live (it made the kernel spill).
         s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
         s = tl.load(s_ptr + lanes, mask=counts, other=0.0).to(STATE_DTYPE)
-        a = (s - w) / alpha + d
+        a = (_hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE) / alpha) * (s - w)
+        if SUM_DIRECTION:
+            a += d
+        elif HAS_MOMENTUM and NESTEROV:
+            a += d - _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * u
+        elif HAS_MOMENTUM:
+            a += b
+        else:
+            a += u
     else:
         a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
         if SUM_DIRECTION:
@@ -270,11 +288,11 @@ def tlr_step_kernel(
     a = tl.where(counts, a, 0.0)
     tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
-    sq = tl.sum(a * a, axis=0).to(tl.float64)
-    tl.store(part_ptr + n_part + part_offset + pid, sq)
-    if not SNAPSHOT:  # the guard's MOVE_FLOOR test (a guarded window never uses snapshots; there it spilled)
-        alpha64 = alpha.to(tl.float64)
-        tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha64 * alpha64 * sq)
+    tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
+    # The α this block moves with: the window kernel's Σ α²·‖A‖² (the guard's MOVE_FLOOR test) and,
+    # at a late close with a snapshot, the move kernel's (α has changed by then). Not α²·‖A‖²
+    # itself: that product made snapshot kernels spill.
+    tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha.to(tl.float64))
 
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
@@ -291,7 +309,7 @@ def _schedule(step_ptr, ws_ptr, window, units):
 
 @triton.jit
 def _reduce(part_ptr, n_part, start, end, RBLOCK: tl.constexpr):
-    """Σ of two consecutive rows of partials (⟨A, P⟩ and ‖A‖², or ‖w‖² and α²·‖A‖²) over blocks [start, end),
+    """Σ of the first two rows of partials (⟨A, P⟩ and ‖A‖²) over blocks [start, end),
     in a fixed order (deterministic).
 
     A while loop: Triton 3.6's interpreter cannot use a runtime value as a range() bound.
@@ -309,6 +327,22 @@ def _reduce(part_ptr, n_part, start, end, RBLOCK: tl.constexpr):
 
 
 @triton.jit
+def _weights_and_moved(part_ptr, n_part, end, RBLOCK: tl.constexpr):
+    """Σ ‖w‖² and Σ α²·‖A‖² over blocks [0, end) (row 2; rows 3 and 1), in a fixed order."""
+    weights = tl.zeros([RBLOCK], dtype=tl.float64)
+    moved = tl.zeros([RBLOCK], dtype=tl.float64)
+    i = end * 0
+    while i < end:
+        idx = i + tl.arange(0, RBLOCK).to(tl.int64)
+        m = idx < end
+        weights += tl.load(part_ptr + 2 * n_part + idx, mask=m, other=0.0)
+        alpha = tl.load(part_ptr + 3 * n_part + idx, mask=m, other=0.0)
+        moved += alpha * alpha * tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
+        i += RBLOCK
+    return tl.sum(weights, axis=0), tl.sum(moved, axis=0)
+
+
+@triton.jit
 def _newton_r(dot, sq, bound):
     """SPEC: r = dot / max(4(sq - dot), dot / c); r := 0 for a non-positive denominator or a non-finite r."""
     denom = tl.maximum(4.0 * (sq - dot), dot / bound)
@@ -318,7 +352,7 @@ def _newton_r(dot, sq, bound):
 
 @triton.jit(do_not_specialize=_NO_SPEC_WINDOW)
 def tlr_window_kernel(
-    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² and α²·‖A‖²
+    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² and α
     n_part,
     n_total,          # blocks of the whole group
     step_ptr,         # int64: the group's step counter (before this step)
@@ -345,7 +379,7 @@ def tlr_window_kernel(
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
     end = tl.where(needed, n_total, 0)
     dot, sq = _reduce(part_ptr, n_part, 0, end, RBLOCK)
-    weights, moved = _reduce(part_ptr + 2 * n_part, n_part, 0, tl.where(watched, end, 0), RBLOCK)
+    weights, moved = _weights_and_moved(part_ptr, n_part, tl.where(watched, end, 0), RBLOCK)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
@@ -409,12 +443,16 @@ def tlr_alpha_kernel(
 def tlr_move_kernel(
     tab_ptr, n_tensors, blk_ptr, n_blocks,
     flag_ptr,         # int32: the window kernel's decision
+    part_ptr,         # float64 [4, n_part]: row 3, the α each block moved with in launch 1 (SNAPSHOT)
+    n_part,
+    part_offset,
     scale_ptr,
     hyp_ptr,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
+    SUM_DIRECTION: tl.constexpr,
     SNAPSHOT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -426,38 +464,55 @@ def tlr_move_kernel(
     i = tl.program_id(0).to(tl.int64)
     end = tl.where(flag == OPEN, 0, n_blocks)
     while i < end:
-        _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, i, flag, scale_ptr, hyp_ptr, PARAM_DTYPE, STATE_DTYPE,
-                    HAS_MOMENTUM, NESTEROV, SNAPSHOT, HAS_SCALE, BLOCK, ALIGN)
+        _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, i, flag, part_ptr + 3 * n_part + part_offset, scale_ptr,
+                    hyp_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_MOMENTUM, NESTEROV, SUM_DIRECTION, SNAPSHOT, HAS_SCALE,
+                    BLOCK, ALIGN)
         i += tl.num_programs(0)
 
 
 @triton.jit
-def _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, blk, flag, scale_ptr, hyp_ptr, PARAM_DTYPE: tl.constexpr,
-                STATE_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, SNAPSHOT: tl.constexpr,
+def _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, blk, flag, used_ptr, scale_ptr, hyp_ptr,
+                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, SUM_DIRECTION: tl.constexpr, SNAPSHOT: tl.constexpr,
                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """``tlr_move_kernel``'s work on block ``blk``."""
     pid, t, start, lanes, in_tensor = _block_at(tab_ptr, n_tensors, blk_ptr, n_blocks, blk, BLOCK, ALIGN)
-    live = _and(in_tensor, flag == CLOSES)
-    p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE,
-                                     ALIGN)
-    u = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w
+    moves = _and(in_tensor, flag == CLOSES)
+    late = _and(in_tensor, flag == CLOSES_LATE)
+    # A late close with a snapshot reads the weights (moved by the step kernel) to restart it.
+    reads = _or(moves, late) if SNAPSHOT else moves
+    p_ptr = _at(tab_ptr, PARAM, n_tensors, t, start, PARAM_DTYPE, ALIGN)
+    w = tl.load(p_ptr + lanes, mask=reads, other=0.0).to(STATE_DTYPE)
+    b = tl.zeros([BLOCK], dtype=STATE_DTYPE)
     if HAS_MOMENTUM:  # the step kernel has already advanced the buffer
-        b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE, ALIGN)
-        b = tl.load(b_ptr + lanes, mask=live, other=0.0)
-        if NESTEROV:
-            d = u + _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * b
-        else:
-            d = b
+        b = tl.load(_at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE, ALIGN) + lanes, mask=reads, other=0.0)
+    if HAS_MOMENTUM and not NESTEROV:
+        d = b  # heavy ball: the gradient is not read again
     else:
-        d = u
+        g = tl.load(_at(tab_ptr, GRAD, n_tensors, t, start, PARAM_DTYPE, ALIGN) + lanes, mask=moves, other=0.0)
+        g = g.to(STATE_DTYPE)
+        if HAS_SCALE:
+            g = g / tl.load(scale_ptr).to(STATE_DTYPE)
+        d = _hyper(hyp_ptr, H_SIGN, STATE_DTYPE) * g + _hyper(hyp_ptr, H_WEIGHT_DECAY, STATE_DTYPE) * w
+        if HAS_MOMENTUM:
+            d += _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * b
     alpha = tl.load(_row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
     w_new = _to_param(w - alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE) * d, PARAM_DTYPE)
-    tl.store(p_ptr + lanes, w_new, mask=live)
-    if SNAPSHOT:  # the next window starts here
+    tl.store(p_ptr + lanes, w_new, mask=moves)
+    pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE, ALIGN)
+    if SNAPSHOT:
         s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
-        tl.store(s_ptr + lanes, w_new, mask=live)
+        w = tl.where(moves, w_new.to(STATE_DTYPE), w)
+        kappa = 0.0
+        if HAS_MOMENTUM and not SUM_DIRECTION:
+            kappa = _hyper(hyp_ptr, H_KAPPA, STATE_DTYPE)
+        if flag == CLOSES_LATE:  # P ← A, recovered with the α the window moved with (launch 1's)
+            used = tl.load(used_ptr + blk).to(STATE_DTYPE)
+            s = tl.load(s_ptr + lanes, mask=late, other=0.0).to(STATE_DTYPE)
+            a = (_hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE) / used) * (s - (w - (used * kappa) * b))
+            tl.store(pv_ptr + lanes, a, mask=late)
+        tl.store(s_ptr + lanes, (w - (alpha * kappa) * b).to(PARAM_DTYPE), mask=reads)  # the next window starts here
     else:  # the blow-up guard closed the window after the step kernel's move: P ← A, A ← 0
-        late = _and(in_tensor, flag == CLOSES_LATE)
         a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
-        tl.store(_at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE, ALIGN) + lanes, tl.load(a_ptr + lanes, mask=late), mask=late)
+        tl.store(pv_ptr + lanes, tl.load(a_ptr + lanes, mask=late), mask=late)
         tl.store(a_ptr + lanes, tl.zeros([BLOCK], dtype=STATE_DTYPE), mask=late)

@@ -168,7 +168,8 @@ def test_found_inf_leaves_everything_untouched(window):
     assert torch.equal(after["param_groups"][0]["window_state"], snapshot["param_groups"][0]["window_state"])
     for k, st in snapshot["state"].items():
         for key, value in st.items():
-            assert torch.equal(after["state"][k][key], value), (k, key)
+            same = torch.equal(after["state"][k][key], value) if isinstance(value, torch.Tensor) else after["state"][k][key] == value
+            assert same, (k, key)
 
 
 def test_grad_scale_divides_gradients():
@@ -320,7 +321,8 @@ def test_custom_op_passes_opcheck():
     state = [[torch.zeros_like(p) for p in live] for _ in range(3)]
     args = (live, grads, state[0], [True] * len(live), state[1], state[2], [torch.tensor(0.05)],
             torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 16.0, torch.zeros(3, dtype=torch.float64),
-            0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", 1.0, None, None, None, [0] * len(live), [False])
+            0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", 1.0, None, None, None, [0] * len(live), [False],
+            0.0, 1.0)
     result = torch.library.opcheck(triton_step_op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 
@@ -485,3 +487,76 @@ def test_move_kernel_grid_is_persistent_and_strides_over_the_blocks():
     assert launch.move_programs(torch.device("cpu"), 3) == 3
     params = [torch.randn(40 * 1024, dtype=torch.float32, requires_grad=True) for _ in range(3)]
     _against_reference(params, 4, FP32, lr=0.05, momentum=0.9, window=2)
+
+
+def _bytes_moved_per_step(cfg, steps, scale_at=lambda t: 1.0, numel=2048):
+    """Run TLR on the Triton path and count, lane by lane in the interpreter, the bytes of
+    weights, gradients and state that each step's kernels load and store (masked-off lanes
+    move nothing, on a GPU as here). Block-wide accesses of 4-byte elements are those of the
+    fp32 tensors; the scalar and fp64 ones (tables, α, partials) are per block, not per element.
+    Returns [(step kind, bytes per element)]."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+    moved = [0]
+
+    def tally(ptrs, mask):
+        if ptrs.data.size > 1 and ptrs.get_element_ty().primitive_bitwidth == 32:
+            moved[0] += 4 * int(mask.data.sum())
+
+    def counted_load(ptrs, mask, *args):
+        tally(ptrs, mask)
+        return load(ptrs, mask, *args)
+
+    def counted_store(ptrs, value, mask, *args):
+        tally(ptrs, mask)
+        return store(ptrs, value, mask, *args)
+
+    torch.manual_seed(0)
+    params = [torch.randn(numel, dtype=torch.float32, requires_grad=True)]
+    opt = TLR(params, backend="triton", **cfg)
+    kinds = []
+    try:
+        builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+        for t in range(steps):
+            done, k = (int(x) for x in opt.param_groups[0]["window_state"])
+            unit_ends = (t + 1) % opt.param_groups[0]["window"] == 0
+            params[0].grad = scale_at(t) * torch.randn(numel)
+            moved[0] = 0
+            opt.step()
+            closed = unit_ends and int(opt.param_groups[0]["window_state"][0]) == 0
+            kind = "ordinary" if not unit_ends else ("closing" if done + 1 >= k else "late" if closed else "unit end")
+            kinds.append((kind, moved[0] / numel))
+    finally:
+        del builder.create_masked_load, builder.create_masked_store  # back to the class's methods
+    return kinds
+
+
+# Bytes per element and step: fused SGD moves 20 (fp32, momentum: reads w, g, b, writes w, b) or
+# 12 without momentum. A snapshot (default: fp32 weights, no schedule) adds reads of S and P where
+# the window statistics are needed; an accumulated A (dampening) 8 bytes every step.
+@pytest.mark.parametrize("cfg,expected", [
+    (dict(momentum=0.9, weight_decay=5e-4), dict(ordinary=20, closing=44)),
+    (dict(momentum=0.9, nesterov=True), dict(ordinary=20, closing=48)),
+    (dict(momentum=0.9, statistic="direction"), dict(ordinary=20, closing=44)),
+    (dict(), dict(ordinary=12, closing=36)),
+    (dict(momentum=0.9, dampening=0.1), dict(ordinary=28, closing=44)),  # A accumulated: no snapshot form
+])
+def test_an_ordinary_step_moves_what_fused_sgd_moves(cfg, expected):
+    kinds = _bytes_moved_per_step(dict(lr=0.01, window=3, **cfg), steps=9)
+    assert {k for k, _ in kinds} == {"ordinary", "closing"}, kinds
+    for kind, per_element in kinds:
+        assert per_element == expected[kind], (kind, per_element, kinds)
+
+
+def test_the_default_adaptive_window_moves_what_fused_sgd_moves_between_unit_ends():
+    """At the defaults (momentum, weight decay, adaptive window watched by the blow-up guard):
+    20 bytes per element on ordinary steps, 28 at a unit's end (S and P read for the guard's
+    ‖A‖² and ⟨A, P⟩), 44 at a closing, 48 at the guard's late close (which rebuilds P and S)."""
+    kinds = _bytes_moved_per_step(dict(lr=0.01, momentum=0.9, weight_decay=5e-4, window=2, max_window=16,
+                                       window_reset=0.1), steps=30, scale_at=lambda t: 30.0 if t >= 25 else 1.0)
+    seen = {}
+    for kind, per_element in kinds:
+        seen.setdefault(kind, set()).add(per_element)
+    assert seen == {"ordinary": {20}, "unit end": {28}, "closing": {44}, "late": {48}}, kinds

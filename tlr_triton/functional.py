@@ -22,8 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "snapshots_allowed", "advance_step",
-           "host_reads_free"]
+__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "snapshot_form", "snapshot_to_sum",
+           "sum_to_snapshot", "snapshots_allowed", "advance_step", "host_reads_free"]
 
 # The blow-up guard's growth test (``tlr``'s docstring; docs/defaults.md, "Blow-up guard"):
 # at a closing whose consecutive windows disagree (⟨A, P⟩ < 0) and whose ‖A‖² per unit
@@ -65,27 +65,65 @@ def advance_step(step: Tensor, found_inf: Tensor | None) -> None:
     step.add_(1 if found_inf is None else (found_inf == 0).to(step.dtype))
 
 
-def window_representation(backend: str, dtype: torch.dtype, statistic: str, momentum: float,
+def snapshot_form(statistic: str, momentum: float, dampening: float, nesterov: bool) -> tuple[float, float] | None:
+    """(κ, c) of the window snapshot that can stand for A on the Triton path, or None.
+
+    Within a window α is constant, so A is recoverable from S, the value of
+    z = w - α·κ·b (b the momentum buffer, zero before the first step) at the window's
+    start: A = c·(S - z)/α. Summing the directions taken ("direction", or momentum 0,
+    where u = d), A is the displacement over α: κ = 0, c = 1. Summing u = g + λw with
+    momentum μ: b_t - μ·b_{t-1} = u_t and Σ b_t = Σ displacement/α give κ = μ/(1 - μ),
+    c = 1 - μ; with nesterov (d = u + μ·b) κ = μ²/(1 - μ). With dampening τ the first
+    step (b = u, not (1 - τ)·u) breaks the identity: None (A is summed).
+    """
+    if statistic == "direction" or momentum == 0:
+        return (0.0, 1.0)
+    if dampening != 0 or not 0 < momentum < 1:
+        return None
+    return ((momentum * momentum if nesterov else momentum) / (1.0 - momentum), 1.0 - momentum)
+
+
+def window_representation(backend: str, dtype: torch.dtype, form: tuple[float, float] | None,
                           snapshots: bool = True) -> str:
     """State key that holds a tensor's window statistic on a backend.
 
-    "window_sum" is A itself. "window_start" is the weights S at the window's start, from
-    which A = (S - w)/α: the Triton path uses it for fp32/fp64 weights when A is the sum
-    of the directions taken (statistic "direction", or momentum 0, where u = d), so an
-    ordinary step touches no more memory than SGD's. ``snapshots=False`` where a snapshot
-    cannot stand for A: a learning-rate schedule changes the step size within a window,
-    or the blow-up guard may close a window after α has changed.
+    "window_sum" is A itself. "window_start" is the snapshot S of ``snapshot_form``
+    ``form`` taken at the window's start: the Triton path uses it for fp32/fp64 weights,
+    so that an ordinary step touches no more memory than SGD's (for 2-byte weights the
+    snapshot would be too coarse). ``snapshots=False`` where a snapshot cannot stand for
+    A: a learning-rate schedule changes the step size within a window.
     """
-    if (backend == "triton" and snapshots and dtype in (torch.float32, torch.float64)
-            and (statistic == "direction" or momentum == 0)):
+    if backend == "triton" and snapshots and form is not None and dtype in (torch.float32, torch.float64):
         return "window_start"
     return "window_sum"
 
 
-def snapshots_allowed(lr_factor: float | Tensor, units: int, blowup_ratio: float | None) -> bool:
+def snapshot_to_sum(s: Tensor, w: Tensor, b: Tensor | None, alpha: Tensor, form: tuple[float, float]) -> Tensor:
+    """A from a window snapshot S (``snapshot_form``): c·(S - (w - α·κ·b))/α, in the state dtype."""
+    dtype = state_dtype(w.dtype)
+    kappa, c = form
+    z = w.to(dtype)
+    if b is not None and kappa != 0:
+        z = z - (alpha.to(dtype) * kappa) * b.to(dtype)
+    return (c / alpha.to(dtype)) * (s.to(dtype) - z)
+
+
+def sum_to_snapshot(a: Tensor | None, w: Tensor, b: Tensor | None, alpha: Tensor, form: tuple[float, float]) -> Tensor:
+    """The window snapshot S that stands for A (None: 0): w - α·κ·b + α·A/c, in the weights' dtype."""
+    dtype = state_dtype(w.dtype)
+    kappa, c = form
+    s = w.to(dtype)
+    if b is not None and kappa != 0:
+        s = s - (alpha.to(dtype) * kappa) * b.to(dtype)
+    if a is not None:
+        s = s + (alpha.to(dtype) / c) * a.to(dtype)
+    return s.to(w.dtype)
+
+
+def snapshots_allowed(lr_factor: float | Tensor) -> bool:
     """Whether a window snapshot can stand for A: a constant step size within a window (no
-    learning-rate schedule) and no early closes (no blow-up guard on an adaptive window)."""
-    return not isinstance(lr_factor, Tensor) and lr_factor == 1.0 and (units == 1 or blowup_ratio is None)
+    learning-rate schedule)."""
+    return not isinstance(lr_factor, Tensor) and lr_factor == 1.0
 
 
 def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
@@ -284,8 +322,8 @@ def tlr(
             0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
             without it.
         backend: "torch" or "triton". On the Triton path ``window_sums`` holds, for the
-            tensors where ``window_representation`` says "window_start", the weights at
-            the window's start instead of A.
+            tensors where ``window_representation`` says "window_start", the window-start
+            snapshot of ``snapshot_form`` instead of A.
         grad_scale, found_inf: AMP's tensors (Triton path only): gradients are divided
             by ``grad_scale``, and nothing changes when ``found_inf`` is nonzero.
         shard_group: a ``torch.distributed`` process group whose ranks each hold part of
@@ -323,9 +361,11 @@ def tlr(
         if params:
             if buckets is None:
                 buckets = _buckets(params)
-            allowed = snapshots_allowed(lr_factor, units, blowup_ratio)
-            snapshots = [window_representation("triton", params[idx[0]].dtype, statistic, momentum, allowed)
+            form = snapshot_form(statistic, momentum, dampening, nesterov)
+            allowed = snapshots_allowed(lr_factor)
+            snapshots = [window_representation("triton", params[idx[0]].dtype, form, allowed)
                          == "window_start" for idx in buckets]
+            form = form or (0.0, 1.0)
             if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
                 first = [b is None for b in momentum_buffers]
                 if momentum != 0:
@@ -342,7 +382,7 @@ def tlr(
                     alphas, step, window, units, window_reset, window_state, blowup_ratio, window_energy, momentum,
                     dampening, weight_decay, nesterov, maximize, bound, statistic, scope,
                     1.0 if factor_tensor is not None else float(lr_factor), factor_tensor, grad_scale, found_inf,
-                    bucket_of, snapshots,
+                    bucket_of, snapshots, *form,
                 )
             else:
                 tlr_triton_step(
@@ -352,6 +392,7 @@ def tlr(
                     momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
                     lr_factor=lr_factor, buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
+                    snapshot_form=form,
                 )
         advance_step(step, found_inf)  # also with no tensors: the step still counts
         return

@@ -242,27 +242,35 @@ def _collective_device(group: dict[str, Any], shard_group) -> torch.device:
     return group["alpha"].device
 
 
-def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tensor) -> None:
+def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tensor,
+                         form: tuple[float, float] | None) -> None:
     """Create the window state of ``p``, or convert it to the representation ``key``.
 
-    "window_sum" is A; "window_start" is the weights S at the window's start, with
-    A = (S - w)/α (``functional.window_representation``). Converting costs one pass and
-    happens only when the backend, statistic or momentum of a group changes.
+    "window_sum" is A; "window_start" is a snapshot S with A = c·(S - (w - α·κ·b))/α, its
+    (κ, c) kept beside it as "window_start_form" (``functional.snapshot_form``; ``form``
+    is the one a new snapshot takes). Converting costs a pass or two and happens only when
+    the backend or a hyper-parameter that the form depends on changes, or a tensor without
+    a gradient misses a closing.
     """
     dtype = state_dtype(p.dtype)
     if "prev_window_sum" not in state:
         state["prev_window_sum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-    if key in state:
+    if key in state and (key == "window_sum" or state.get("window_start_form", _POSITION_FORM) == form):
         return
-    w = p.detach()
+    w, b = p.detach(), state.get("momentum_buffer")
+    s = state.pop("window_start", None)
+    old_form = state.pop("window_start_form", _POSITION_FORM)
+    a = state.pop("window_sum", None) if s is None else functional.snapshot_to_sum(s, w, b, alpha, old_form)
     if key == "window_start":
-        a = state.pop("window_sum", None)
-        s = w if a is None else w.to(dtype) + alpha.to(dtype) * a
-        state["window_start"] = s.to(p.dtype).clone(memory_format=torch.contiguous_format)
+        state["window_start"] = functional.sum_to_snapshot(a, w, b, alpha, form).clone(
+            memory_format=torch.contiguous_format)
+        state["window_start_form"] = tuple(map(float, form))
     else:
-        s = state.pop("window_start", None)
-        a = torch.zeros_like(p, dtype=dtype) if s is None else (s.to(dtype) - w.to(dtype)) / alpha.to(dtype)
+        a = torch.zeros_like(p, dtype=dtype) if a is None else a.to(dtype)
         state["window_sum"] = a.contiguous()
+
+
+_POSITION_FORM = (0.0, 1.0)  # a snapshot saved before "window_start_form" existed: the weights themselves
 
 
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
@@ -689,16 +697,17 @@ class TLR(Optimizer):
         for the window sum (``functional.window_representation``).
         """
         lr = self._group_tensors(group, backend, device)
+        form = functional.snapshot_form(group["statistic"], group["momentum"], group["dampening"], group["nesterov"])
 
         keys_by_dtype: dict[torch.dtype, str] = {}
         for p in group["params"]:
             if p.grad is None or p.numel() == 0:
                 state = self.state.get(p)
                 if state and "window_start" in state:
-                    # A snapshot only holds Σd while α stays as it was; a window may close
+                    # A snapshot only holds A while α stays as it was; a window may close
                     # without this tensor, so keep its partial sum as A until it returns.
                     alpha = lr if group["scope"] == "group" else state["alpha"]
-                    _ensure_window_state(p, state, "window_sum", alpha)
+                    _ensure_window_state(p, state, "window_sum", alpha, None)
                 continue
             state = self.state[p]
             if group["scope"] == "tensor":
@@ -708,12 +717,12 @@ class TLR(Optimizer):
             else:
                 alpha = lr
             if p.dtype not in keys_by_dtype:
-                keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, group["statistic"], group["momentum"],
-                                                               snapshots)
+                keys_by_dtype[p.dtype] = window_representation(backend, p.dtype, form, snapshots)
             key = keys_by_dtype[p.dtype]
             local = _local(p) if dtensor else p  # a DTensor's shard on this rank: state and updates are per shard
-            if key not in state or "prev_window_sum" not in state:
-                _ensure_window_state(local, state, key, alpha)
+            if (key not in state or "prev_window_sum" not in state
+                    or (key == "window_start" and state.get("window_start_form", _POSITION_FORM) != form)):
+                _ensure_window_state(local, state, key, alpha, form)
             params.append(local)
             grads.append(_local(p.grad) if dtensor else p.grad)
             bufs.append(state.get("momentum_buffer"))
@@ -771,10 +780,11 @@ class TLR(Optimizer):
                     group["step"] += 1
                 continue
             w0, units = window_schedule(group["window"], group["max_window"])
-            snapshots = functional.snapshots_allowed(factor, units, group["blowup_ratio"])
+            snapshots = functional.snapshots_allowed(factor)
             if isinstance(factor, Tensor):
                 factor = factor.to(device=device, dtype=torch.float32)
-            key = (backend, device, snapshots, group["statistic"], group["momentum"], group["scope"])
+            key = (backend, device, snapshots, group["statistic"], group["momentum"], group["dampening"],
+                   group["nesterov"], group["scope"])
             if plan is not None:
                 self._group_tensors(group, backend, device)
                 if not plan.fits(self.state, group, grads_all, key):
