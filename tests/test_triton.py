@@ -123,6 +123,31 @@ def test_grads_missing_on_some_steps():
                  statistic=stat, backend="triton")
 
 
+def test_window_snapshot_follows_hyperparameter_changes_mid_window():
+    """Momentum, nesterov and the statistic changed between steps, mid-window: the snapshot is
+    turned back into A with the form it was taken with (``window_start_form``) and retaken in
+    the new one (or A kept summed); a tensor without a gradient across a closing keeps its A.
+    The reference sums A throughout."""
+    changes = {4: dict(momentum=0.5), 9: dict(nesterov=True), 13: dict(statistic="direction"),
+               16: dict(momentum=0.0, nesterov=False), 20: dict(statistic="gradient", momentum=0.9)}
+    forms = []
+
+    def change(opt, ref):
+        t = len(forms)
+        forms.append(opt.state[opt.param_groups[0]["params"][0]].get("window_start_form"))
+        for group in (opt.param_groups[0], ref.param_groups[0]):
+            group.update(changes.get(t + 1, {}))
+
+    lockstep([{}], steps=24, dtype=torch.float32, **FP32, lr=0.05, momentum=0.9, weight_decay=1e-2, window=3,
+             skip_at=lambda t: {1} if 6 <= t < 10 else set(), after_step=change, backend="triton")
+    from tlr_triton.functional import snapshot_form
+
+    heavy, nesterov = snapshot_form("gradient", 0.9, 0, False), snapshot_form("gradient", 0.5, 0, True)
+    assert heavy == pytest.approx((9.0, 0.1)) and nesterov == pytest.approx((0.5, 0.5))
+    assert forms[3] == forms[23] == heavy and forms[5] == snapshot_form("gradient", 0.5, 0, False), forms
+    assert forms[10] == nesterov and forms[14] == forms[17] == (0.0, 1.0), forms
+
+
 def run_twice(cfg):
     out = []
     for _ in range(2):
