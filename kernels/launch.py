@@ -47,7 +47,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 class _Memo:
-    """A small LRU memo of device-side tables; ``builds`` counts misses (tests read it)."""
+    """A small memo of device-side tables, oldest out first; ``builds`` counts misses (tests read it)."""
 
     def __init__(self) -> None:
         self.entries: OrderedDict = OrderedDict()
@@ -55,13 +55,12 @@ class _Memo:
 
     def get(self, key, build):
         hit = self.entries.get(key)
-        if hit is not None:
-            self.entries.move_to_end(key)
+        if hit is not None:  # not moved to the end: that hashes the (long) key a second time
             return hit
         self.builds += 1
         value = build()
         self.entries[key] = value
-        if len(self.entries) > _CACHE_SIZE:
+        if len(self.entries) > _CACHE_SIZE:  # the oldest entry goes, in use or not: at worst it is rebuilt
             self.entries.popitem(last=False)
         return value
 
@@ -108,11 +107,13 @@ def _alignment(rows, itemsize: int) -> int:
     return 1
 
 
-def _bucket_table(key, itemsize):
-    """For a bucket's key (``tlr_triton_step``): a serial number (unique, for the group's key), the
-    int64 [TABLE_ROWS, n] addresses/numels/flags, the int64 [2, n_blocks] block map, ALIGN,
-    BLOCK and the blocks per tensor."""
-    device, dtype, p, g, b, s, v, a, numels, firsts = key
+def _bucket_table(head, state_ptrs, tail, itemsize):
+    """For a bucket's layout (``tlr_triton_step``): a serial number (unique, for the group's key),
+    the int64 [TABLE_ROWS, n] addresses/numels/flags, the int64 [2, n_blocks] block map, ALIGN,
+    BLOCK, the blocks per tensor and the α addresses."""
+    device, dtype, p, g = head
+    b, s, v, a = state_ptrs
+    numels, firsts = tail
     n = len(p)
     rows = [list(p), list(g), list(b) if b is not None else [0] * n, list(s), list(v),
             list(a) * n if len(a) == 1 else list(a), list(numels), list(firsts)]
@@ -124,7 +125,7 @@ def _bucket_table(key, itemsize):
     first_block = torch.cumsum(counts, 0) - counts
     offset = (torch.arange(sum(nblk), dtype=torch.int64) - first_block[tensor_of_block]) * block
     blk = torch.stack([tensor_of_block, offset]).to(device, non_blocking=True)
-    return tables.builds, tab, blk, _alignment(rows, itemsize), block, nblk
+    return tables.builds, tab, blk, _alignment(rows, itemsize), block, nblk, sum(nblk), a
 
 
 def _picker(idx: list[int]):
@@ -179,6 +180,7 @@ def tlr_triton_step(
     found_inf: Tensor | None = None,
     first_steps: list[bool] | None = None,
     snapshot_form: tuple[float, float] = (0.0, 1.0),
+    state_token: object = None,
 ) -> None:
     """One TLR step of one param group on the Triton path (see the module docstring).
 
@@ -194,13 +196,18 @@ def tlr_triton_step(
     updated here; windows are k·``window`` steps, 1 <= k <= ``units``. ``blowup_ratio``
     (None: off) and ``window_energy`` (float64 [3], updated here) are the adaptive
     window's blow-up guard (``functional.tlr``).
+
+    ``state_token``: None, or a value the caller changes whenever a state tensor (momentum
+    buffer, A or S, P, α) may have been replaced; while it stays the same, the address
+    tables are keyed on it instead of on the state tensors' addresses (only the weights',
+    the gradients' and the new-buffer flags are read every step).
     """
     device = step.device
     launches = []
     serials, part_offsets, nblks, alpha_ptrs = [], [], [], []
     copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
     total = 0
-    for idx, snap in zip(buckets, snapshots):
+    for number, (idx, snap) in enumerate(zip(buckets, snapshots)):
         pick = _picker(idx)
         dtype = params[idx[0]].dtype
         work_p, work_g, bufs = pick(params), pick(grads), pick(momentum_buffers)
@@ -222,23 +229,26 @@ def tlr_triton_step(
         else:
             firsts = (0,) * len(idx)
         ptr = Tensor.data_ptr
-        key = (
-            device, dtype,
-            tuple(map(ptr, work_p)), tuple(map(ptr, work_g)),
-            tuple(map(ptr, bufs)) if momentum != 0 else None,
-            tuple(map(ptr, pick(window_sums))), tuple(map(ptr, pick(prev_window_sums))),
-            (alphas[0].data_ptr(),) if scope == "group" else tuple(map(ptr, pick(alphas))),
-            tuple(map(Tensor.numel, work_p)), firsts,
-        )
+
+        def state_ptrs(bufs=bufs, pick=pick):
+            return (tuple(map(ptr, bufs)) if momentum != 0 else None,
+                    tuple(map(ptr, pick(window_sums))), tuple(map(ptr, pick(prev_window_sums))),
+                    (alphas[0].data_ptr(),) if scope == "group" else tuple(map(ptr, pick(alphas))))
+
+        head = (device, dtype, tuple(map(ptr, work_p)), tuple(map(ptr, work_g)))
+        tail = (tuple(map(Tensor.numel, work_p)), firsts)
+        state = state_ptrs() if state_token is None else None
+        key = head + (state if state is not None else ("state", state_token, number)) + tail
         itemsize = min(dtype.itemsize, prev_window_sums[idx[0]].dtype.itemsize)
-        serial, tab, blk, align, block, nblk = tables.get(key, lambda: _bucket_table(key, itemsize))
+        serial, tab, blk, align, block, nblk, n_blocks, a_ptrs = tables.get(
+            key, lambda: _bucket_table(head, state if state is not None else state_ptrs(), tail, itemsize))
         serials.append(serial)
-        launches.append((idx, dtype, snap, tab, blk, align, block, len(idx), sum(nblk), total))
+        launches.append((idx, dtype, snap, tab, blk, align, block, len(idx), n_blocks, total))
         part_offsets.append(total)
         nblks.append(nblk)
-        total += sum(nblk)
+        total += n_blocks
         if scope == "tensor":
-            alpha_ptrs += key[7]
+            alpha_ptrs += a_ptrs
     if scope == "group":
         alpha_ptrs = [alphas[0].data_ptr()]
 
@@ -248,8 +258,13 @@ def tlr_triton_step(
         cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
-    # the group's tables depend on its buckets' alone (their layouts and α addresses, in order)
-    part, flag, cut, scopes = tables.get(("group", device, scope, tuple(serials)), build_group)
+    # The group's tables depend on its buckets' alone (their layouts and α addresses, in order).
+    # With a state token they are keyed on it and the layout, so that the partials' row 3 (the α
+    # each block moved with, which the next step's snapshot check reads) outlives tables rebuilt
+    # for new gradient addresses.
+    group_key = (("group", device, scope, tuple(serials)) if state_token is None
+                 else ("group", device, scope, state_token, tuple(map(tuple, nblks))))
+    part, flag, cut, scopes = tables.get(group_key, build_group)
     hyper = _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor,
                    blowup_ratio if units > 1 and blowup_ratio is not None else 0.0, snapshot_form)
     dummy = flag  # any device pointer, never read when the matching flag is off

@@ -263,9 +263,15 @@ def tlr_step_kernel(
         # c·(S - z)/α with z = w - α·κ·b_old is c·(S - w)/α + c·κ·b_old, and c·κ·b_old + u is
         # the new buffer μ·b_old + u with heavy ball, μ·b + (1 - μ)·u with nesterov (b new),
         # so the old buffer need not stay live (it made the kernel spill).
+        # α set by hand since the last step (AlphaRestart, fill_): the snapshot holds the α this
+        # block last moved with (row 3 of the partials, kept from step to step; 0: unknown), so A
+        # is recovered with that one and the snapshot retaken with the new α below.
+        moved_with = tl.load(part_ptr + 3 * n_part + part_offset + pid).to(STATE_DTYPE)
+        rebase = _and(moved_with > 0, moved_with != alpha)
         s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
-        s = tl.load(s_ptr + lanes, mask=counts, other=0.0).to(STATE_DTYPE)
-        a = (_hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE) / alpha) * (s - w)
+        s = tl.load(s_ptr + lanes, mask=_or(counts, _and(live, rebase)), other=0.0).to(STATE_DTYPE)
+        snap_c = _hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE)
+        a = (snap_c / tl.where(rebase, moved_with, alpha)) * (s - w)
         if SUM_DIRECTION:
             a += d
         elif HAS_MOMENTUM and NESTEROV:
@@ -274,6 +280,11 @@ def tlr_step_kernel(
             a += b
         else:
             a += u
+        if rebase:  # S = z after this step's move (no schedule: α·d), plus α·A/c (a closing retakes it in launch 4)
+            s = _to_param(w - alpha * d, PARAM_DTYPE).to(STATE_DTYPE) + (alpha / snap_c) * a
+            if HAS_MOMENTUM and not SUM_DIRECTION:
+                s -= (alpha * _hyper(hyp_ptr, H_KAPPA, STATE_DTYPE)) * b
+            tl.store(s_ptr + lanes, s.to(PARAM_DTYPE), mask=moves)
     else:
         a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
         if SUM_DIRECTION:
@@ -290,9 +301,13 @@ def tlr_step_kernel(
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
     # The α this block moves with: the window kernel's Σ α²·‖A‖² (the guard's MOVE_FLOOR test) and,
-    # at a late close with a snapshot, the move kernel's (α has changed by then). Not α²·‖A‖²
+    # at a late close with a snapshot, the move kernel's (α has changed by then); the next step's
+    # check above (with a snapshot, not on a step AMP skips: nothing moved). Not α²·‖A‖²
     # itself: that product made snapshot kernels spill.
-    tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha.to(tl.float64))
+    if SNAPSHOT and HAS_INF:
+        tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha.to(tl.float64), mask=tl.load(inf_ptr) == 0)
+    else:
+        tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha.to(tl.float64))
 
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
@@ -512,6 +527,7 @@ def _move_block(tab_ptr, n_tensors, blk_ptr, n_blocks, blk, flag, used_ptr, scal
             a = (_hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE) / used) * (s - (w - (used * kappa) * b))
             tl.store(pv_ptr + lanes, a, mask=late)
         tl.store(s_ptr + lanes, (w - (alpha * kappa) * b).to(PARAM_DTYPE), mask=reads)  # the next window starts here
+        tl.store(used_ptr + blk, alpha.to(tl.float64))  # taken with the new α (the step kernel's check)
     else:  # the blow-up guard closed the window after the step kernel's move: P ← A, A ← 0
         a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
         tl.store(pv_ptr + lanes, tl.load(a_ptr + lanes, mask=late), mask=late)

@@ -277,6 +277,63 @@ def test_tables_are_reused_while_addresses_stay():
     assert launch.tables.builds == builds
 
 
+def test_tables_follow_state_tensors_replaced_while_gradients_stay_in_place():
+    """Gradients written in place (the same addresses every step, as in a training loop): the
+    address tables serve while the step plan does; a state tensor replaced by hand, or by
+    load_state_dict, brings a new plan and new tables (their addresses read afresh). Every step
+    matches the reference."""
+    params = make_params(dtype=torch.float32)
+    qs = twin(params)
+    cfg = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=2, max_window=8)
+    opt, ref = TLR(params, backend="triton", **cfg), ReferenceTLR(qs, **cfg)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    built = []
+    for t in range(12):
+        torch.manual_seed(t)
+        for p, q in zip(params, qs):
+            g = torch.randn(p.shape)
+            p.grad.copy_(g)
+            q.grad = g.clone()
+        if t in (5, 9):  # a hand edit: state tensors replaced by copies at other addresses
+            for key in ("prev_window_sum", "momentum_buffer"):
+                opt.state[params[0]][key] = opt.state[params[0]][key].clone()
+        if t == 7:
+            opt.load_state_dict(opt.state_dict())
+        before = launch.tables.builds
+        opt.step()
+        ref.step()
+        built.append(launch.tables.builds > before)
+        assert_matches_reference(opt, ref, params, qs, **FP32, msg=f"step {t}")
+    assert [t for t, b in enumerate(built) if b] == [0, 1, 5, 7, 9], built  # step 1: the new buffers' flags
+
+
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True, scope="tensor"),
+                                 dict(momentum=0.9, statistic="direction"), dict(weight_decay=1e-2)])
+def test_alpha_set_by_hand_mid_window_matches_reference(cfg):
+    """α changed between steps inside a window (by hand, or by AlphaRestart): the step kernel sees
+    that it differs from the α its blocks last moved with, recovers A with that one and retakes
+    the window snapshot with the new α. The reference sums A, which α does not enter."""
+    from tlr_triton.reference import _f32
+
+    steps = []
+
+    def change(opt, ref):
+        steps.append(len(steps))
+        if len(steps) in (4, 11, 12):  # mid-window, and twice in a row
+            factor = 3.0 if len(steps) != 11 else 0.25
+            if opt.param_groups[0]["scope"] == "group":
+                opt.param_groups[0]["alpha"].mul_(factor)
+                ref.param_groups[0]["alpha"] = _f32(ref.param_groups[0]["alpha"] * factor)
+            for p, q in zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"]):
+                if "alpha" in opt.state.get(p, {}):
+                    opt.state[p]["alpha"].mul_(factor)
+                    ref.state[q]["alpha"] = _f32(ref.state[q]["alpha"] * factor)
+
+    lockstep([{}], steps=20, dtype=torch.float32, **FP32, lr=0.05, window=3, max_window=12, after_step=change,
+             backend="triton", **cfg)
+
+
 def test_switching_backends_mid_run_keeps_matching_the_reference():
     params = make_params(dtype=torch.float64)
     qs = twin(params)

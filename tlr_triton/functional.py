@@ -284,6 +284,7 @@ def tlr(
     shard_group=None,
     sharded_tensors: bool = False,
     buckets: list[list[int]] | None = None,
+    state_token: object = None,
 ) -> None:
     """One TLR step for the tensors of one parameter group (see the module docstring).
 
@@ -337,6 +338,9 @@ def tlr(
             are summed too, in the same all-reduce.
         buckets: the indices of the tensors of each (device, dtype), as ``_buckets(params)``
             gives them (a caller that keeps them between steps saves a pass over params).
+        state_token: Triton path: None, or a value that the caller changes whenever one of
+            the state tensors it passes (buffers, A or S, P, α) may be another tensor than
+            at its last call; while it stays the same, their addresses are not read again.
     """
     if scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
@@ -392,7 +396,7 @@ def tlr(
                     momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
                     lr_factor=lr_factor, buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
-                    snapshot_form=form,
+                    snapshot_form=form, state_token=state_token,
                 )
         advance_step(step, found_inf)  # also with no tensors: the step still counts
         return

@@ -6,7 +6,7 @@ import math
 import numbers
 import operator
 import os
-from itertools import repeat
+from itertools import compress, count, repeat
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ DEFAULT_BLOWUP_RATIO = 16.0
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
+_GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
 _STATE_KEYS = ("momentum_buffer", "window_sum", "window_start", "prev_window_sum", "alpha")
 
 
@@ -279,6 +280,17 @@ def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     return {k: group[k] for k in keys}
 
 
+_PLAN_SERIALS = count()
+
+
+def _picker(idx: list[int]):
+    """A function giving the entries of a list at ``idx``, as a list."""
+    if len(idx) <= 1:
+        return lambda xs: [xs[i] for i in idx]
+    get = operator.itemgetter(*idx)
+    return lambda xs: list(get(xs))
+
+
 class _StepPlan:
     """What a group's step gathered (``TLR._init_group``), kept for its next step.
 
@@ -288,7 +300,10 @@ class _StepPlan:
     same backend, device and window representation, and every state entry still the
     tensor the plan holds (anything that replaced one — ``load_state_dict``, a hand edit
     — sends the step back to ``_init_group``). The lists are the ones the functional core
-    updates in place, so they stay current from step to step.
+    updates in place, so they stay current from step to step. While a plan serves, the
+    Triton path's launcher keys its address tables on the plan's serial instead of reading
+    every state tensor's address (swapping a state tensor's storage in place, ``.data =``,
+    is not seen: replace the entry instead, as ``load_state_dict`` does).
     """
 
     def __init__(self, group, grads_all, key, owners, states, params, bufs, sums, prevs, alphas, keys):
@@ -296,19 +311,25 @@ class _StepPlan:
         self.all_params = list(group["params"])
         self.present = [g is not None for g in grads_all]
         self.index = [i for i, (p, g) in enumerate(zip(self.all_params, grads_all)) if g is not None and p.numel() > 0]
+        self.pick = _picker(self.index)  # the gradients of ``index`` from the group's list, C-level
         self.key = key
         self.owners, self.states = owners, states
         self.params, self.bufs, self.sums, self.prevs, self.alphas, self.keys = params, bufs, sums, prevs, alphas, keys
         self.dtypes = [p.dtype for p in params]  # p.data = p.data.half() keeps the tensor, not its dtype
         self.buckets = functional._buckets(params)
+        self.serial = next(_PLAN_SERIALS)  # the launcher's state_token: unique, never reused
+        self.last_step = -1  # the optimizer's step() call that last built or checked this plan
 
-    def fits(self, state, group, grads_all, key) -> bool:
+    def fits(self, state, group, present, key, state_unchanged: bool) -> bool:
+        """``present``: whether each of the group's parameters has a gradient now;
+        ``state_unchanged``: the optimizer's state maps every parameter to the same dict as
+        when this plan was last checked (then the per-parameter lookups are skipped)."""
         is_ = operator.is_
         return (
             key == self.key
-            and [g is not None for g in grads_all] == self.present
-            and [p.dtype for p in self.params] == self.dtypes
-            and all(map(is_, map(state.get, self.owners), self.states))
+            and present == self.present
+            and list(map(_DTYPE, self.params)) == self.dtypes
+            and (state_unchanged or all(map(is_, map(state.get, self.owners), self.states)))
             and all(map(is_, map(dict.get, self.states, self.keys), self.sums))
             and all(map(is_, map(dict.get, self.states, repeat("prev_window_sum")), self.prevs))
             and all(map(is_, map(dict.get, self.states, repeat("momentum_buffer")), self.bufs))
@@ -466,6 +487,8 @@ class TLR(Optimizer):
         self._shard_group_lost = False
         self._validated: dict[int, tuple] = {}  # id(group) → the hyper-parameters last validated
         self._plans: dict[int, _StepPlan] = {}  # id(group) → the lists its last step gathered
+        self._steps = 0  # step() calls that returned
+        self._state_seen = None  # (state, its keys, its values) when the last step() returned
 
     @property
     def shard_group(self):
@@ -555,6 +578,8 @@ class TLR(Optimizer):
         self._shard_group_lost = lost
         self._validated = {}
         self._plans = {}
+        self._steps = 0
+        self._state_seen = None
         # Fill in entries added after a checkpoint was written, so older dicts still load.
         defaults = dict(bound=0.25, window=DEFAULT_WINDOW, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
                         blowup_ratio=DEFAULT_BLOWUP_RATIO, scope="group", statistic="gradient", maximize=False,
@@ -647,9 +672,14 @@ class TLR(Optimizer):
             check_hyperparameters(**hyper)
             self._validated[id(group)] = signature
         params = group["params"]
-        grads = [p.grad for p in params]
-        with_grad = [p for p, g in zip(params, grads) if g is not None]
-        if any(g.is_sparse for g in grads if g is not None):
+        if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
+            grads = [p.grad for p in params]
+            present = [g is not None for g in grads]
+        else:  # C-level maps: this runs every step, over every parameter
+            grads = list(map(_GRAD, params))
+            present = list(map(operator.is_not, grads, repeat(None)))
+        with_grad = list(compress(params, present))
+        if any(g.is_sparse for g in compress(grads, present)):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
             raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
         devices = {p.device for p in with_grad}
@@ -666,7 +696,7 @@ class TLR(Optimizer):
             )
         for device in devices:
             _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
-        return factor, first, dtensor, grads, plan
+        return factor, first, dtensor, grads, present, plan
 
     def _group_tensors(self, group, backend, device) -> Tensor:
         """Put the group's α, step counter and window state where this step runs; returns α."""
@@ -757,8 +787,16 @@ class TLR(Optimizer):
                 "shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
             )
         checked = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
+        # Whether the state maps every parameter to the same dict as when the last step()
+        # returned: identity comparisons over its keys and values (a lookup per parameter
+        # would hash each one in Python).
+        seen, state = self._state_seen, self.state
+        state_unchanged = (seen is not None and seen[0] is state and len(state) == len(seen[1])
+                           and all(map(operator.is_, state, seen[1])) and all(map(operator.is_, state.values(), seen[2])))
+        self._state_seen = None  # an exception below leaves no stale record
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, (group, (factor, device, dtensor, grads_all, plan)) in enumerate(zip(self.param_groups, checked)):
+        for index, (group, (factor, device, dtensor, grads_all, present, plan)) in enumerate(zip(self.param_groups,
+                                                                                                   checked)):
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
             mesh_group = _dtensor_group(group, index) if dtensor else None
             if mesh_group is not None and self._shard_group is not None:
@@ -787,17 +825,25 @@ class TLR(Optimizer):
                    group["nesterov"], group["scope"])
             if plan is not None:
                 self._group_tensors(group, backend, device)
-                if not plan.fits(self.state, group, grads_all, key):
+                # the shortcut holds for a plan checked by the last step() only
+                if not plan.fits(self.state, group, present, key, state_unchanged and plan.last_step == self._steps - 1):
                     plan = None
             if plan is not None:
                 params, bufs, sums, prev_sums, alphas, keys, owners = (
                     plan.params, plan.bufs, plan.sums, plan.prevs, plan.alphas, plan.keys, plan.owners)
-                grads, buckets, states = [grads_all[i] for i in plan.index], plan.buckets, plan.states
+                grads, buckets, states = plan.pick(grads_all), plan.buckets, plan.states
+                rebuilt = False
             else:
                 params, grads, bufs, sums, prev_sums, alphas, keys, owners = [], [], [], [], [], [], [], []
                 self._init_group(group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas,
                                  keys, owners)
                 buckets, states = None, [self.state[p] for p in owners]
+                rebuilt = True
+                if not dtensor and not torch.compiler.is_compiling():  # the lists are the plan's: tlr() fills them
+                    plan = self._plans[id(group)] = _StepPlan(group, grads_all, key, owners, states, params, bufs,
+                                                              sums, prev_sums, alphas, keys)
+                    buckets = plan.buckets
+            new_buffers = group["momentum"] != 0 and any(map(operator.is_, bufs, repeat(None)))
             tlr(
                 params,
                 grads,
@@ -827,17 +873,22 @@ class TLR(Optimizer):
                 shard_group=shard_group,
                 sharded_tensors=mesh_group is not None,
                 buckets=buckets,
+                state_token=plan.serial if plan is not None else None,
             )
-            for state, b, a, prev, k in zip(states, bufs, sums, prev_sums, keys):  # new buffers, swapped sums
-                state[k], state["prev_window_sum"] = a, prev
-                if b is not None:
-                    state["momentum_buffer"] = b
-            if plan is None and not dtensor and not torch.compiler.is_compiling():
-                self._plans[id(group)] = _StepPlan(group, grads_all, key, owners, states, params, bufs, sums, prev_sums,
-                                                   alphas, keys)
+            if rebuilt or backend == "torch" or new_buffers:
+                # new buffers; on the PyTorch path also swapped sums and buffers reused as u
+                for state, b, a, prev, k in zip(states, bufs, sums, prev_sums, keys):
+                    state[k], state["prev_window_sum"] = a, prev
+                    if b is not None:
+                        state["momentum_buffer"] = b
+            if plan is not None:
+                plan.last_step = self._steps
             if backend == "torch":
                 group["step"] += 1  # the Triton path advances its device counter itself
         if len(self._plans) > len(self.param_groups):  # a group was removed: drop what its plan holds
             current = {id(group) for group in self.param_groups}
             self._plans = {k: plan for k, plan in self._plans.items() if k in current}
+        self._steps += 1
+        if not torch.compiler.is_compiling():  # the plans' shortcut (step plans are not used in a traced step)
+            self._state_seen = (self.state, list(self.state), list(self.state.values()))
         return loss
