@@ -6,16 +6,20 @@ dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_window_kernel`` an
 device value: the closing decision and α stay on the device (the caller advances the
 step counter, there too).
 
-Address tables and block maps are a pure function of the tensors' addresses, sizes
-and first-step flags, so they are memoised on exactly that key: they are rebuilt
-whenever an address changes (``load_state_dict``, ``.to()``, a new param group, new
-gradient tensors) and reused otherwise.
+Address tables are a pure function of the tensors' addresses, sizes and first-step
+flags, so they are memoised on exactly that key (with a caller's ``state_token``, on it
+in place of the state tensors' addresses): they are rebuilt whenever an address changes
+(``load_state_dict``, ``.to()``, a new param group, gradients reallocated elsewhere) and
+reused otherwise. Block maps depend on the sizes alone and hyper-parameter vectors on their
+values: each has a memo of its own, so new addresses do not rebuild them.
 """
 
 from __future__ import annotations
 
 import operator
+from array import array
 from collections import OrderedDict
+from functools import reduce
 from itertools import repeat
 
 import torch
@@ -25,6 +29,7 @@ from . import tlr_step as K  # the package's only import: kernels/ is the leaf o
 
 _DTYPE = operator.attrgetter("dtype")
 PARAM_ROW, PREV_ROW, NUMEL_ROW = K.PARAM.value, K.PREV.value, K.NUMEL.value  # rows of the address table
+TABLE_ROWS = K.TABLE_ROWS
 
 BLOCK = 1024   # elements per program of the step and move kernels (half that for fp64 weights: see block_size)
 NUM_WARPS = 8  # 4 elements per thread (Triton's default, 4 warps, gave 8 and spilled on sm_90 with Triton 3.6)
@@ -66,6 +71,8 @@ class _Memo:
 
 
 tables = _Memo()
+blocks = _Memo()  # block maps, by sizes (``_block_map``)
+hypers = _Memo()  # hyper-parameter vectors, by values (``_hyper``)
 
 
 _PROGRAMS_PER_SM = 4  # the move kernel's persistent grid: programs per streaming multiprocessor
@@ -92,19 +99,23 @@ def block_size(dtype: torch.dtype) -> int:
     return BLOCK // 2 if dtype == torch.float64 else BLOCK
 
 
-def _alignment(rows, itemsize: int) -> int:
-    """The kernels' ALIGN for a bucket: 16 // ``itemsize`` (its narrowest element) when every
-    address of the weights, gradients and state is 16-byte aligned and every size a multiple
-    of that, so that whole 16-byte vectors never straddle a tensor's end; else 1 (per-element
-    accesses: unaligned views, odd sizes). fp64 buckets stay at 1: their vectorized step
-    kernel spilled 4 bytes on sm_90 with Triton 3.6."""
+def _alignment(rows: array, tab: Tensor, n: int, itemsize: int) -> int:
+    """The kernels' ALIGN for a bucket (its address table for ``n`` tensors, flat in ``rows`` and
+    as ``tab`` on the CPU): 16 // ``itemsize``
+    (its narrowest element) when every address of the weights, gradients and state is 16-byte
+    aligned and every size a multiple of that, so that whole 16-byte vectors never straddle a
+    tensor's end; else 1 (per-element accesses: unaligned views, odd sizes). fp64 buckets stay
+    at 1: their vectorized step kernel spilled 4 bytes on sm_90 with Triton 3.6."""
     if itemsize == 8:
         return 1
     vec = 16 // itemsize
-    addresses = [a for row in rows[PARAM_ROW:PREV_ROW + 1] for a in row]
-    if all(a % 16 == 0 for a in addresses) and all(n % vec == 0 for n in rows[NUMEL_ROW]):
-        return vec
-    return 1
+    if n < 256:  # a few tensors: Python's ints are quicker than tensor operations
+        addresses = reduce(operator.or_, rows[PARAM_ROW * n:(PREV_ROW + 1) * n])
+        sizes = reduce(operator.or_, rows[NUMEL_ROW * n:(NUMEL_ROW + 1) * n])
+        aligned = addresses % 16 == 0 and sizes % vec == 0  # low bits of an OR: all of them are multiples
+    else:
+        aligned = not bool((tab[PARAM_ROW:PREV_ROW + 1] % 16).any()) and not bool((tab[NUMEL_ROW] % vec).any())
+    return vec if aligned else 1
 
 
 def _bucket_table(head, state_ptrs, tail, itemsize):
@@ -115,17 +126,26 @@ def _bucket_table(head, state_ptrs, tail, itemsize):
     b, s, v, a = state_ptrs
     numels, firsts = tail
     n = len(p)
-    rows = [list(p), list(g), list(b) if b is not None else [0] * n, list(s), list(v),
-            list(a) * n if len(a) == 1 else list(a), list(numels), list(firsts)]
+    # the key's tuples into one int64 buffer, a row at a time (a nested list through torch.tensor is slower)
+    rows = array("q", p)
+    for row in (g, b if b is not None else (0,) * n, s, v, a * n if len(a) == 1 else a, numels, firsts):
+        rows.extend(row)
+    tab = torch.frombuffer(rows, dtype=torch.int64).view(TABLE_ROWS, n).clone()
     block = block_size(dtype)
+    # the block map depends on the sizes alone: new addresses (gradients reallocated) reuse it
+    blk, nblk = blocks.get((device, block, numels), lambda: _block_map(device, block, numels))
+    return (tables.builds, tab.to(device, non_blocking=True), blk, _alignment(rows, tab, n, itemsize), block, nblk, sum(nblk),
+            a)
+
+
+def _block_map(device, block, numels):
+    """The int64 [2, n_blocks] block → (tensor, first element) map, and the blocks per tensor."""
     nblk = [(m + block - 1) // block for m in numels]
-    tab = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     counts = torch.tensor(nblk, dtype=torch.int64)
     tensor_of_block = torch.repeat_interleave(torch.arange(len(nblk), dtype=torch.int64), counts, output_size=sum(nblk))
     first_block = torch.cumsum(counts, 0) - counts
     offset = (torch.arange(sum(nblk), dtype=torch.int64) - first_block[tensor_of_block]) * block
-    blk = torch.stack([tensor_of_block, offset]).to(device, non_blocking=True)
-    return tables.builds, tab, blk, _alignment(rows, itemsize), block, nblk, sum(nblk), a
+    return torch.stack([tensor_of_block, offset]).to(device, non_blocking=True), nblk
 
 
 def _picker(idx: list[int]):
@@ -316,7 +336,7 @@ def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_re
     tail = (float(blowup_ratio), *map(float, snapshot_form))
 
     def vector(values):
-        return tables.get(("hyper", device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
+        return hypers.get((device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
 
     if isinstance(lr_factor, Tensor):
         return torch.cat([vector(head), lr_factor.reshape(1).to(device=device, dtype=torch.float64), vector(tail)])

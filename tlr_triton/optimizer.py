@@ -48,7 +48,8 @@ DEFAULT_BLOWUP_RATIO = 16.0
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
-_GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
+_GRAD, _DTYPE, _DEVICE = operator.attrgetter("grad"), operator.attrgetter("dtype"), operator.attrgetter("device")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 _STATE_KEYS = ("momentum_buffer", "window_sum", "window_start", "prev_window_sum", "alpha")
 
 
@@ -675,14 +676,18 @@ class TLR(Optimizer):
         if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
             grads = [p.grad for p in params]
             present = [g is not None for g in grads]
+            with_grad = [p for p, g in zip(params, grads) if g is not None]
+            sparse = any(g.is_sparse for g in grads if g is not None)
+            devices = {p.device for p in with_grad}
         else:  # C-level maps: this runs every step, over every parameter
             grads = list(map(_GRAD, params))
             present = list(map(operator.is_not, grads, repeat(None)))
-        with_grad = list(compress(params, present))
-        if any(g.is_sparse for g in compress(grads, present)):
+            with_grad = list(compress(params, present))
+            sparse = any(map(_IS_SPARSE, compress(grads, present)))
+            devices = set(map(_DEVICE, with_grad))
+        if sparse:
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
             raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
-        devices = {p.device for p in with_grad}
         first = next((p.device for p in with_grad if p.numel() > 0), None)
         plan = None if torch.compiler.is_compiling() else self._plans.get(id(group))
         if not (plan is not None and plan.group is group and len(params) == len(plan.all_params)
