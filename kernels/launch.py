@@ -101,11 +101,11 @@ def block_size(dtype: torch.dtype) -> int:
 
 def _alignment(rows: array, tab: Tensor, n: int, itemsize: int) -> int:
     """The kernels' ALIGN for a bucket (its address table for ``n`` tensors, flat in ``rows`` and
-    as ``tab`` on the CPU): 16 // ``itemsize``
-    (its narrowest element) when every address of the weights, gradients and state is 16-byte
-    aligned and every size a multiple of that, so that whole 16-byte vectors never straddle a
-    tensor's end; else 1 (per-element accesses: unaligned views, odd sizes). fp64 buckets stay
-    at 1: their vectorized step kernel spilled 4 bytes on sm_90 with Triton 3.6."""
+    as ``tab`` on the CPU): 16 // ``itemsize`` (its narrowest element) when every address of the
+    weights, gradients and state is 16-byte aligned and every size a multiple of that, so that
+    whole 16-byte vectors never straddle a tensor's end; else 1 (per-element accesses: unaligned
+    views, odd sizes). fp64 buckets stay at 1: their vectorized step kernel spilled 4 bytes on
+    sm_90 with Triton 3.6."""
     if itemsize == 8:
         return 1
     vec = 16 // itemsize
@@ -134,8 +134,8 @@ def _bucket_table(head, state_ptrs, tail, itemsize):
     block = block_size(dtype)
     # the block map depends on the sizes alone: new addresses (gradients reallocated) reuse it
     blk, nblk = blocks.get((device, block, numels), lambda: _block_map(device, block, numels))
-    return (tables.builds, tab.to(device, non_blocking=True), blk, _alignment(rows, tab, n, itemsize), block, nblk, sum(nblk),
-            a)
+    align = _alignment(rows, tab, n, itemsize)
+    return tables.builds, tab.to(device, non_blocking=True), blk, align, block, nblk, sum(nblk), a
 
 
 def _block_map(device, block, numels):
