@@ -139,8 +139,8 @@ def _bucket_table(head, state_ptrs, tail, itemsize):
 
 
 def _block_map(device, block, numels):
-    """The int64 [2, n_blocks] block → (tensor, first element) map, and the blocks per tensor."""
-    nblk = [(m + block - 1) // block for m in numels]
+    """The int64 [2, n_blocks] block → (tensor, first element) map, and the blocks per tensor (a tuple)."""
+    nblk = tuple((m + block - 1) // block for m in numels)  # a tuple: the group's key holds it
     counts = torch.tensor(nblk, dtype=torch.int64)
     tensor_of_block = torch.repeat_interleave(torch.arange(len(nblk), dtype=torch.int64), counts, output_size=sum(nblk))
     first_block = torch.cumsum(counts, 0) - counts
@@ -283,7 +283,7 @@ def tlr_triton_step(
     # each block moved with, which the next step's snapshot check reads) outlives tables rebuilt
     # for new gradient addresses.
     group_key = (("group", device, scope, tuple(serials)) if state_token is None
-                 else ("group", device, scope, state_token, tuple(map(tuple, nblks))))
+                 else ("group", device, scope, state_token, tuple(nblks)))
     part, flag, cut, scopes = tables.get(group_key, build_group)
     hyper = _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor,
                    blowup_ratio if units > 1 and blowup_ratio is not None else 0.0, snapshot_form)
