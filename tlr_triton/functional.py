@@ -98,25 +98,28 @@ def window_representation(backend: str, dtype: torch.dtype, form: tuple[float, f
     return "window_sum"
 
 
-def snapshot_to_sum(s: Tensor, w: Tensor, b: Tensor | None, alpha: Tensor, form: tuple[float, float]) -> Tensor:
-    """A from a window snapshot S (``snapshot_form``): c·(S - (w - α·κ·b))/α, in the state dtype."""
+def _shadow(w: Tensor, b: Tensor | None, alpha: Tensor, kappa: float) -> Tensor:
+    """z = w - α·κ·b in the state dtype (b None: a tensor before its first step, b = 0)."""
     dtype = state_dtype(w.dtype)
-    kappa, c = form
     z = w.to(dtype)
     if b is not None and kappa != 0:
         z = z - (alpha.to(dtype) * kappa) * b.to(dtype)
-    return (c / alpha.to(dtype)) * (s.to(dtype) - z)
+    return z
+
+
+def snapshot_to_sum(s: Tensor, w: Tensor, b: Tensor | None, alpha: Tensor, form: tuple[float, float]) -> Tensor:
+    """A from a window snapshot S (``snapshot_form``): c·(S - (w - α·κ·b))/α, in the state dtype."""
+    kappa, c = form
+    z = _shadow(w, b, alpha, kappa)
+    return (c / alpha.to(z.dtype)) * (s.to(z.dtype) - z)
 
 
 def sum_to_snapshot(a: Tensor | None, w: Tensor, b: Tensor | None, alpha: Tensor, form: tuple[float, float]) -> Tensor:
     """The window snapshot S that stands for A (None: 0): w - α·κ·b + α·A/c, in the weights' dtype."""
-    dtype = state_dtype(w.dtype)
     kappa, c = form
-    s = w.to(dtype)
-    if b is not None and kappa != 0:
-        s = s - (alpha.to(dtype) * kappa) * b.to(dtype)
+    s = _shadow(w, b, alpha, kappa)
     if a is not None:
-        s = s + (alpha.to(dtype) / c) * a.to(dtype)
+        s = s + (alpha.to(s.dtype) / c) * a.to(s.dtype)
     return s.to(w.dtype)
 
 
