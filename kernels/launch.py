@@ -273,9 +273,9 @@ def tlr_triton_step(
         alpha_ptrs = [alphas[0].data_ptr()]
 
     def build_group():
-        part = torch.zeros(4, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖², α
+        part = torch.zeros(5, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
-        cut = torch.zeros((), dtype=torch.float64, device=device)  # and the guard's cap on α's factor
+        cut = torch.zeros(2, dtype=torch.float64, device=device)  # and the guard's caps: α's factor, α's ceiling
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
     # The group's tables depend on its buckets' alone (their layouts and α addresses, in order).
@@ -306,7 +306,7 @@ def tlr_triton_step(
             )
         K.tlr_window_kernel[(1,)](
             part, part.shape[1], total, step, found_inf if found_inf is not None else dummy, window_state,
-            window_energy if window_energy is not None else torch.zeros(3, dtype=torch.float64, device=device),
+            window_energy if window_energy is not None else torch.zeros(4, dtype=torch.float64, device=device),
             flag, cut, window, units, hyper,
             HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
         )

@@ -10,15 +10,16 @@ the group's step counter and window state (units of W0 steps so far, length k):
    closes as scheduled it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A
    into P and leaves the weights for launch 4; at the other ends of units of an adaptive
    window watched by the blow-up guard it writes the partials and moves the weights.
-   Every step it writes the block's ‖w‖² before the move (the guard's growth test) and the
-   α it moves with (the guard's ``MOVE_FLOOR`` weighs ‖A‖² by α²).
+   Every step it writes the block's ‖w‖² before the move (the guard's growth test), the
+   α it moves with (the guard's ``MOVE_FLOOR`` weighs ‖A‖² by α²) and ⟨A, w⟩ (its decay test).
 2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²
    (summed in a fixed order: no atomics, bit-identical runs) it decides whether the window
    closes (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next
    window's length, and the guard's cap on α's factor (also at a closing where the weights
-   grew: ``GROWTH``); it advances the window state.
+   grew: ``GROWTH``) and on α itself (a window mostly of weight decay: ``DECAY_SHARE``); it
+   advances the window state.
 3. ``tlr_alpha_kernel``, one program per α-scope: when the window closes, sums its blocks'
-   partials in a fixed order, applies SPEC's Newton factor with its guards (and the cap)
+   partials in a fixed order, applies SPEC's Newton factor with its guards (and the caps)
    and writes α.
 4. ``tlr_move_kernel``, a persistent grid sized to the GPU striding over the blocks: on a
    scheduled closing, moves the weights with the new α (Algorithm 2's order) and restarts
@@ -82,6 +83,9 @@ GROWTH = tl.constexpr(2.0)
 # Both guard tests count only where Σ α²·‖A‖² per unit exceeds MOVE_FLOOR² · Σ‖w‖² (steps that can
 # throw the weights out; tlr_triton.functional.MOVE_FLOOR, the same value).
 MOVE_FLOOR = tl.constexpr(0.01)
+# The decay test: at a closing with ‖A - λ·n·w‖ <= DECAY_SHARE·‖A‖ (n: the window's steps; a window
+# mostly of weight decay) no α grows past max(α, the peak α); tlr_triton.functional.DECAY_SHARE, the same value.
+DECAY_SHARE = tl.constexpr(0.6)
 
 # What the window kernel decides for this step (int32 ``flag``).
 OPEN = tl.constexpr(0)             # the window goes on
@@ -206,7 +210,7 @@ def tlr_step_kernel(
     n_tensors,
     blk_ptr,          # int64 [2, n_blocks]: each block's tensor index and first element
     n_blocks,
-    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² and α of the whole group
+    part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖², α and ⟨A, w⟩ of the whole group
     n_part,
     part_offset,      # where this bucket's blocks start in part_ptr
     step_ptr,         # int64: the group's step counter (before this step)
@@ -300,6 +304,12 @@ def tlr_step_kernel(
     tl.store(pv_ptr + lanes, a, mask=closes)
     tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
     tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
+    # ⟨A, w⟩ for the guard's decay test, from the weights before the move (stored below), as ‖w‖²;
+    # the test reads A as u's sum (λ·Σw its decay part), so a sum of momentum directions gives 0: no test
+    if SUM_DIRECTION and HAS_MOMENTUM:
+        aw = tl.zeros([], dtype=tl.float64)
+    else:
+        aw = tl.sum(a * w, axis=0).to(tl.float64)
     # The α this block moves with: the window kernel's Σ α²·‖A‖² (the guard's MOVE_FLOOR test) and,
     # at a late close with a snapshot, the move kernel's (α has changed by then); the next step's
     # check above (with a snapshot, not on a step AMP skips: nothing moved). Not α²·‖A‖²
@@ -312,6 +322,7 @@ def tlr_step_kernel(
     # Ordinary step: move now with the current α.
     step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
     tl.store(p_ptr + lanes, _to_param(w - step_size * d, PARAM_DTYPE), mask=moves)
+    tl.store(part_ptr + 4 * n_part + part_offset + pid, aw)
 
 
 @triton.jit
@@ -342,10 +353,13 @@ def _reduce(part_ptr, n_part, start, end, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _weights_and_moved(part_ptr, n_part, end, RBLOCK: tl.constexpr):
-    """Σ ‖w‖² and Σ α²·‖A‖² over blocks [0, end) (row 2; rows 3 and 1), in a fixed order."""
+def _guard_totals(part_ptr, n_part, end, RBLOCK: tl.constexpr):
+    """The blow-up guard's totals over blocks [0, end), in a fixed order: Σ ‖w‖² (row 2),
+    Σ α²·‖A‖² (rows 3 and 1), Σ⟨A, w⟩ (row 4) and the largest α (row 3)."""
     weights = tl.zeros([RBLOCK], dtype=tl.float64)
     moved = tl.zeros([RBLOCK], dtype=tl.float64)
+    along = tl.zeros([RBLOCK], dtype=tl.float64)
+    top = tl.zeros([RBLOCK], dtype=tl.float64)
     i = end * 0
     while i < end:
         idx = i + tl.arange(0, RBLOCK).to(tl.int64)
@@ -353,8 +367,10 @@ def _weights_and_moved(part_ptr, n_part, end, RBLOCK: tl.constexpr):
         weights += tl.load(part_ptr + 2 * n_part + idx, mask=m, other=0.0)
         alpha = tl.load(part_ptr + 3 * n_part + idx, mask=m, other=0.0)
         moved += alpha * alpha * tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
+        along += tl.load(part_ptr + 4 * n_part + idx, mask=m, other=0.0)
+        top = tl.maximum(top, alpha)
         i += RBLOCK
-    return tl.sum(weights, axis=0), tl.sum(moved, axis=0)
+    return tl.sum(weights, axis=0), tl.sum(moved, axis=0), tl.sum(along, axis=0), tl.max(top.to(tl.float32), axis=0)
 
 
 @triton.jit
@@ -367,15 +383,17 @@ def _newton_r(dot, sq, bound):
 
 @triton.jit(do_not_specialize=_NO_SPEC_WINDOW)
 def tlr_window_kernel(
-    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖² and α
+    part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖², α and ⟨A, w⟩
     n_part,
     n_total,          # blocks of the whole group
     step_ptr,         # int64: the group's step counter (before this step)
     inf_ptr,
     ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced here
-    we_ptr,           # float64 [3]: ‖A‖² per unit of the last two closed windows, Σ‖w‖² at the last closing
+    we_ptr,           # float64 [4]: ‖A‖² per unit of the last two closed windows, Σ‖w‖² at the last closing,
+                      # the peak α (the decay test's)
     flag_ptr,         # int32: written here: OPEN, CLOSES or CLOSES_LATE
-    cut_ptr,          # float64: written here: the largest factor α may take (no cap unless the guard trips)
+    cut_ptr,          # float64 [2]: written here: the largest factor α may take (no cap unless the guard trips)
+                      # and the ceiling: no α grows past max(α, ceiling)
     window,
     units,
     hyp_ptr,
@@ -394,7 +412,7 @@ def tlr_window_kernel(
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
     end = tl.where(needed, n_total, 0)
     dot, sq = _reduce(part_ptr, n_part, 0, end, RBLOCK)
-    weights, moved = _weights_and_moved(part_ptr, n_part, tl.where(watched, end, 0), RBLOCK)
+    weights, moved, along, top = _guard_totals(part_ptr, n_part, tl.where(watched, end, 0), RBLOCK)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
@@ -413,6 +431,14 @@ def tlr_window_kernel(
     grows = _and(_and(closes, moving), _and(_and(last > 0, rising), weights > GROWTH * last))
     cut = tl.minimum(cut, tl.where(grows, 1.0 / (1.0 + tl.sqrt(weights / tl.where(last > 0, last, 1.0))), no_cap))
     tl.store(cut_ptr, cut)
+    # The decay test: a window whose sum is mostly weight decay's pull λ·n·w lets no α grow past
+    # the peak; any other closing raises the peak to the largest α it moved with.
+    decay = tl.load(hyp_ptr + H_WEIGHT_DECAY) * (done * window).to(tl.float64)
+    rest = sq - 2.0 * decay * along + decay * decay * weights  # ‖A - λ·n·w‖²
+    decays = _and(_and(watched, decay > 0), _and(sq > 0, rest <= sq * DECAY_SHARE * DECAY_SHARE))
+    peak = tl.load(we_ptr + 3)
+    tl.store(cut_ptr + 1, tl.where(decays, peak, no_cap))
+    tl.store(we_ptr + 3, tl.where(_and(_and(closes, watched), decays == 0), tl.maximum(peak, top), peak))
     tl.store(flag_ptr, tl.where(scheduled, CLOSES, tl.where(jump, CLOSES_LATE, OPEN)).to(tl.int32))
     r = _newton_r(dot, sq, tl.load(hyp_ptr + H_BOUND))
     large = tl.abs(r) >= tl.load(hyp_ptr + H_WINDOW_RESET)
@@ -429,14 +455,15 @@ def tlr_window_kernel(
 def tlr_alpha_kernel(
     scope_ptr,        # int64 [3, n_scopes]: first and end block (in part_ptr) and α address of each scope
     n_scopes,
-    part_ptr,         # float64 [4, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
+    part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
     n_part,
     flag_ptr,         # int32: the window kernel's decision
-    cut_ptr,          # float64: the blow-up guard's cap on the factor
+    cut_ptr,          # float64 [2]: the blow-up guard's cap on the factor, and α's ceiling
     hyp_ptr,          # float64 [HYPER_SIZE]: the bound c is read here
     RBLOCK: tl.constexpr,
 ):
-    """One program per α-scope: α ← α·min(1 + r, cut) when the window closes (SPEC's Newton step)."""
+    """One program per α-scope: α ← α·min(1 + r, cut), at most max(α, ceiling), when the window closes
+    (SPEC's Newton step and the blow-up guard's caps)."""
     s = tl.program_id(0)
     start = tl.load(scope_ptr + s)
     end = tl.load(scope_ptr + n_scopes + s)
@@ -448,7 +475,7 @@ def tlr_alpha_kernel(
     r = _newton_r(dot_s, sq_s, tl.load(hyp_ptr + H_BOUND))
     # A new α outside float32's normal range is refused.
     old = tl.load(alpha_ptr).to(tl.float64)
-    new = old * tl.minimum(1.0 + r, tl.load(cut_ptr))
+    new = tl.minimum(old * tl.minimum(1.0 + r, tl.load(cut_ptr)), tl.maximum(old, tl.load(cut_ptr + 1)))
     keep = _and(new >= 1.1754943508222875e-38, new <= 3.4028234663852886e38)
     new = tl.where(_and(keep, closing), new, old)
     tl.store(alpha_ptr, new.to(tl.float32))
@@ -458,7 +485,7 @@ def tlr_alpha_kernel(
 def tlr_move_kernel(
     tab_ptr, n_tensors, blk_ptr, n_blocks,
     flag_ptr,         # int32: the window kernel's decision
-    part_ptr,         # float64 [4, n_part]: row 3, the α each block moved with in launch 1 (SNAPSHOT)
+    part_ptr,         # float64 [5, n_part]: row 3, the α each block moved with in launch 1 (SNAPSHOT)
     n_part,
     part_offset,
     scale_ptr,

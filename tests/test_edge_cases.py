@@ -239,37 +239,40 @@ def test_functional_adaptive_window_without_guard_needs_no_window_energy():
 
 
 def test_functional_refuses_a_window_energy_of_another_shape():
-    """The guard keeps 3 values (two windows' ‖A‖² per unit, the last closing's Σ‖w‖²): a [2]
-    tensor (an older layout) is refused by tlr() with its shape, not written past its end."""
+    """The guard keeps 4 values (two windows' ‖A‖² per unit, the last closing's Σ‖w‖², the peak α):
+    a [3] tensor (an older layout) is refused by tlr() with its shape, not written past its end."""
     from tlr_triton.functional import tlr
 
     params = [torch.randn(5)]
-    with pytest.raises(ValueError, match=r"window_energy .*3 values.*\(2,\)"):
+    with pytest.raises(ValueError, match=r"window_energy .*4 values.*\(3,\)"):
         tlr(params, [torch.randn(5)], [None], [torch.zeros(5)], [torch.zeros(5)], [torch.tensor(0.1)], step=0,
             window=3, max_window=48, window_state=torch.tensor([0, 1]), blowup_ratio=16.0,
-            window_energy=torch.zeros(2, dtype=torch.float64), momentum=0.9, dampening=0.0, weight_decay=0.0,
+            window_energy=torch.zeros(3, dtype=torch.float64), momentum=0.9, dampening=0.0, weight_decay=0.0,
             nesterov=False, maximize=False, bound=0.25, statistic="gradient", scope="group")
 
 
-def test_state_dict_with_a_two_value_window_energy_loads_and_steps():
-    """A state_dict saved before the growth test (window_energy of 2 values) loads: the third
-    value, Σ‖w‖² at the last closing, starts at 0 (no reference yet), and training continues."""
+@pytest.mark.parametrize("kept", [2, 3])
+def test_state_dict_with_an_older_window_energy_loads_and_steps(kept):
+    """A state_dict saved before the growth test (window_energy of 2 values) or before the decay
+    test (3) loads: Σ‖w‖² at the last closing starts at 0 (no reference yet), the peak α at the
+    group's α, and training continues."""
     params = [torch.randn(4, 3, requires_grad=True)]
-    opt = TLR(params, lr=0.05, momentum=0.9)
+    opt = TLR(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
     for _ in range(7):
         params[0].grad = torch.randn(4, 3)
         opt.step()
     saved = opt.state_dict()
-    saved["param_groups"][0]["window_energy"] = saved["param_groups"][0]["window_energy"][:2].clone()
-    fresh = TLR(params, lr=0.05, momentum=0.9)
+    saved["param_groups"][0]["window_energy"] = saved["param_groups"][0]["window_energy"][:kept].clone()
+    fresh = TLR(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
     fresh.load_state_dict(saved)
     energy = fresh.param_groups[0]["window_energy"]
-    assert energy.shape == (3,) and float(energy[2]) == 0.0
+    assert energy.shape == (4,) and float(energy[3]) == float(opt.param_groups[0]["alpha"])
+    assert float(energy[2]) == (0.0 if kept == 2 else float(opt.param_groups[0]["window_energy"][2]))
     torch.testing.assert_close(energy[:2], opt.param_groups[0]["window_energy"][:2])
     for _ in range(6):
         params[0].grad = torch.randn(4, 3)
         fresh.step()
-    assert fresh.param_groups[0]["window_energy"].shape == (3,)
+    assert fresh.param_groups[0]["window_energy"].shape == (4,)
 
 
 def test_repository_root_does_not_shadow_an_installed_kernels_package():

@@ -205,6 +205,46 @@ def test_blowup_guard_growth_test_matches_reference(host_reads, cfg, monkeypatch
         assert with_test[first] <= with_test[first - 1] / (1 + 2 ** 0.5)  # cut by at least 1/(1 + √GROWTH)
 
 
+def _decay_run(**cfg):
+    """20 steps of a consistent gradient (α grows), then a silent data term: the gradients
+    shrink to 1e-7 and the window sums are weight decay's pull alone (λ = 0.1), along the
+    weights. Returns the largest α after each step (scope "tensor": of the tensors' α)."""
+    alphas = []
+
+    def record(opt, ref):
+        per_tensor = [float(st["alpha"]) for st in opt.state.values() if "alpha" in st]
+        alphas.append(max(per_tensor or [float(opt.param_groups[0]["alpha"])]))
+
+    torch.manual_seed(0)
+    lockstep([{}], steps=60, lr=0.01, weight_decay=0.1, window=2, max_window=16, window_reset=0.1,
+             scale_at=lambda t: 1.0 if t < 20 else 1e-7, signal_at=lambda t: 1.0 if t < 20 else 0.0,
+             after_step=record, **cfg)
+    return alphas
+
+
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, scope="tensor"),
+                                 dict(momentum=0.9, nesterov=True)])
+def test_blowup_guard_decay_test_matches_reference(host_reads, cfg, monkeypatch):
+    """The guard's decay test: once the windows are weight decay alone (‖A - λ·n·w‖ <= DECAY_SHARE·‖A‖),
+    no α grows past the largest α that a window with a live data term moved with; both paths agree
+    with the reference at every step. With the test turned off (DECAY_SHARE = 0: the weights move
+    within a window, so A is never exactly λ·n·w) the Newton step keeps raising α on the decay's
+    pull alone."""
+    from tlr_triton import functional, reference
+
+    if not host_reads:
+        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
+    with_test = _decay_run(**cfg)
+    peak = max(with_test[:24])  # the data term's windows (the last one closes by step 24)
+    assert peak > 0.02  # α grew while the data term was live
+    assert max(with_test[24:]) <= peak
+    monkeypatch.setattr(functional, "DECAY_SHARE", 0.0)
+    monkeypatch.setattr(reference, "DECAY_SHARE", 0.0)
+    without = _decay_run(**cfg)
+    assert max(without[24:]) > 3 * peak
+
+
 def test_blowup_guard_reads_nothing_on_the_host(forbid_host_reads):
     params = make_params()
     opt = TLR(params, lr=0.05, momentum=0.9, window=2, max_window=16, window_reset=0.1)

@@ -540,12 +540,44 @@ def test_blowup_guard_growth_test_matches_reference(cfg, monkeypatch):
     assert with_test != without
 
 
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, scope="tensor"),
+                                 dict(momentum=0.0, statistic="direction")])
+def test_blowup_guard_decay_test_matches_reference(cfg, monkeypatch):
+    """The guard's decay test on the device (Σ⟨A, w⟩ from the step kernel's partials, the peak α in
+    window_energy[3], the ceiling in the α kernel): a consistent gradient raises α, then the data
+    term falls silent and the windows are weight decay's pull alone; every step matches the
+    reference, and no α grows past the data term's peak (with the test off it does)."""
+    from tlr_triton import functional, reference
+
+    def run(**kw):
+        torch.manual_seed(0)
+        alphas = []
+
+        def record(opt, ref):  # the largest of the reference's α (one per group, or per tensor)
+            alphas.append(max([ref.param_groups[0]["alpha"]] + [st["alpha"] for st in ref.state.values()
+                                                                  if "alpha" in st]))
+
+        lockstep([{}], steps=48, **FP32, lr=0.01, weight_decay=0.1, window=2, max_window=16, window_reset=0.1,
+                 scale_at=lambda t: 1.0 if t < 20 else 1e-7, signal_at=lambda t: 1.0 if t < 20 else 0.0,
+                 after_step=record, **cfg, **kw)
+        return alphas
+
+    with_test = run(backend="triton")
+    peak = max(with_test[:24])
+    assert peak > 0.02 and max(with_test[24:]) <= peak
+    monkeypatch.setattr(reference, "DECAY_SHARE", 0.0)
+    monkeypatch.setattr(functional, "DECAY_SHARE", 0.0)
+    without = run(backend="torch")
+    assert max(without[24:]) > 2 * peak
+
+
 def test_guard_constants_are_the_same_in_kernels_and_functional():
     from tlr_triton import functional
     from tlr_triton.kernels import tlr_step
 
     assert tlr_step.GROWTH.value == functional.GROWTH
     assert tlr_step.MOVE_FLOOR.value == functional.MOVE_FLOOR
+    assert tlr_step.DECAY_SHARE.value == functional.DECAY_SHARE
 
 
 def test_kernels_are_the_leaf_of_the_import_graph():

@@ -39,6 +39,17 @@ GROWTH = 2.0
 # small batches (docs/defaults.md, "Blow-up guard"). kernels/tlr_step.py holds the same constant.
 MOVE_FLOOR = 0.01
 
+# The guard's decay test: at a closing where the window's sum is mostly weight decay's pull,
+# ‖A - λ·n·w‖ <= DECAY_SHARE·‖A‖ (n: the window's steps; w: the weights now, for their mean
+# over the window; summed over the group), the data term is silent (train loss near 0). The
+# Newton step then sees only the decay's curvature and asks for α ≈ 1/λ; α is not let grow
+# past the largest α that a window with a live data term moved with (``window_energy[3]``,
+# from the initial α on), so that the data term, when it returns, does not meet an α it never
+# stood. Only where A sums u (statistic "gradient", or no momentum): a sum of momentum
+# directions has no λ·n·w part to measure. kernels/tlr_step.py holds the same constant
+# (docs/defaults.md, "Blow-up guard").
+DECAY_SHARE = 0.6
+
 # α is stored in float32; a product that leaves the normal float32 range is refused
 # (α keeps its old value), so α is never 0, subnormal, inf or NaN.
 _ALPHA_TINY = torch.finfo(torch.float32).tiny
@@ -142,13 +153,16 @@ def newton_factor(dot: Tensor, sq: Tensor, bound: float) -> Tensor:
 
 
 def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float, closes: Tensor | None = None,
-                   cut: Tensor | None = None) -> None:
-    """α_s ← α_s·min(1 + r_s, cut) in place, for the scopes whose statistics are dots[s], sqs[s] (where ``closes``)."""
+                   cut: Tensor | None = None, ceiling: Tensor | None = None) -> None:
+    """α_s ← α_s·min(1 + r_s, cut) in place, for the scopes whose statistics are dots[s], sqs[s] (where ``closes``),
+    and at most max(α_s, ``ceiling``) (the guard's decay test; inf: no ceiling)."""
     old = torch.stack(alphas).to(dots.dtype)
     factor = newton_factor(dots, sqs, bound)
     if cut is not None:
         factor = torch.minimum(factor, cut.to(factor.dtype))
     new = old * factor
+    if ceiling is not None:
+        new = torch.minimum(new, torch.maximum(old, ceiling.to(new.dtype)))
     ok = torch.isfinite(new) & (new >= _ALPHA_TINY) & (new <= _ALPHA_MAX)
     if closes is not None:
         ok &= closes
@@ -311,8 +325,10 @@ def tlr(
             |r| of the group's total ⟨A, P⟩, ‖A‖² is >= ``window_reset``, else
             min(k + 1, K). Needed when K > 1 (the PyTorch path ignores it when K = 1).
         blowup_ratio, window_energy: the adaptive window's blow-up guard (K > 1 only; None:
-            off). ``window_energy`` is a float64 [3] tensor, ‖A‖² per unit of the last two
-            closed windows and Σ‖w‖² at the last closing, updated in place. At every unit's
+            off). ``window_energy`` is a float64 [4] tensor, ‖A‖² per unit of the last two
+            closed windows, Σ‖w‖² at the last closing and the peak α (below; the optimizer
+            starts it at the initial α, 0 holds α until a first such window), updated in
+            place. At every unit's
             end, if ‖A‖² per unit of the window so far exceeds ``blowup_ratio`` times the
             larger of the two, the window closes after this step's move (a scheduled
             closing comes first, as always), k becomes 1 and every α's factor is at most
@@ -321,7 +337,10 @@ def tlr(
             and ‖A‖² per unit exceeds the last window's, every α's factor is also at most
             1/(1 + √q), q that growth, and k becomes 1. Both tests count only where
             Σ α²·‖A‖² per unit (α of each tensor's scope) exceeds ``MOVE_FLOOR``² times
-            Σ‖w‖²: steps that can throw the weights out.
+            Σ‖w‖²: steps that can throw the weights out. At every closing, if
+            ‖A - λ·n·w‖ <= ``DECAY_SHARE``·‖A‖ (n the window's steps: a window mostly of
+            weight decay), no α grows past max(α, peak); else the peak becomes the largest α
+            the window moved with.
         lr_factor: a learning-rate schedule's factor (``lr / initial_lr``, a float or a
             0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
             without it.
@@ -354,15 +373,15 @@ def tlr(
         raise ValueError(f"an adaptive window (max_window={max_window} > window={window}) needs window_state")
     if units > 1 and blowup_ratio is not None and window_energy is None:
         raise ValueError("the blow-up guard (blowup_ratio) needs window_energy")
-    if window_energy is not None and tuple(window_energy.shape) != (3,):
-        raise ValueError(f"window_energy must be a float64 tensor of 3 values, got shape {tuple(window_energy.shape)}")
+    if window_energy is not None and tuple(window_energy.shape) != (4,):
+        raise ValueError(f"window_energy must be a float64 tensor of 4 values, got shape {tuple(window_energy.shape)}")
     if backend == "triton":
         from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
 
         if window_state is None:  # fixed windows keep no window state between steps
             window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
         if window_energy is None:
-            window_energy = torch.zeros(3, dtype=torch.float64, device=step.device)
+            window_energy = torch.zeros(4, dtype=torch.float64, device=step.device)
         if units == 1:  # the guard watches adaptive windows only
             blowup_ratio = None
         if params:
@@ -476,10 +495,12 @@ def tlr(
             squares = None if shard_group is not None else (lambda: _square_total(window_sums))
             if host:
                 before, after = _host_unit_end(squares, window_sums, prev_window_sums, alphas[0], bound, window_state,
-                                               units, window_reset, blowup_ratio, window_energy, params)
+                                               units, window_reset, blowup_ratio, window_energy, params, window,
+                                               weight_decay if sums_u else 0.0)
             else:
                 before, after = _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound,
-                                                   window_state, units, window_reset, blowup_ratio, window_energy)
+                                                   window_state, units, window_reset, blowup_ratio, window_energy,
+                                                   window, weight_decay if sums_u else 0.0)
         elif host:
             _host_close(window_sums, prev_window_sums, alphas[0], bound, _host_totals(window_sums, prev_window_sums))
         else:
@@ -491,7 +512,8 @@ def tlr(
 def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None,
                        sharded_tensors=False, params=None):
     """[(α-scopes' alphas, their ⟨A, P⟩, their ‖A‖²)], the group's total ⟨A, P⟩ and ‖A‖², and
-    its Σ‖w‖² and Σ α²·‖A‖² (float64; None unless ``params`` are given: the blow-up guard's).
+    the blow-up guard's (float64; None unless ``params`` are given): its Σ‖w‖², Σ α²·‖A‖²,
+    Σ⟨A, w⟩ and its largest α.
 
     With ``shard_group`` the group's totals (and, for ``sharded_tensors`` with scope
     "tensor", every tensor's) are summed over its ranks: one all-reduce, in float64 so
@@ -505,31 +527,36 @@ def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, sh
         sq = torch.stack([s.to(acc).sum() for _, s in stats]).sum()
     else:  # a rank that holds none of this group's tensors still joins the collective
         dot = sq = torch.zeros((), dtype=acc, device=device)
-    weights = moved = None
+    weights = moved = along = top = None
     if params is not None:
         weights = _weights_total(params, device)
         moved = _moved_total(buckets, stats, alphas, scope, device)
+        along = _along_total(window_sums, params, device)
+        top = torch.stack(alphas).max().to(torch.float64) if alphas else torch.zeros((), dtype=torch.float64,
+                                                                                    device=device)
     if shard_group is not None:
         import torch.distributed as dist
 
         per_tensor = sharded_tensors and scope == "tensor" and stats
+        if top is not None and scope == "tensor" and not sharded_tensors:  # each rank holds other tensors' α
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard_group)
         # Σ α²·‖A‖² of this rank's tensors (or shards): summed over the ranks like the rest
-        head = [dot, sq] + ([] if weights is None else [weights, moved])
+        head = [dot, sq] + ([] if weights is None else [weights, moved, along])
         parts = [torch.stack([t.to(torch.float64) for t in head])] + (
             [t for pair in stats for t in pair] if per_tensor else [])
         total = torch.cat([t.to(torch.float64) for t in parts])
         dist.all_reduce(total, group=shard_group)
         dot, sq = total[:2].to(acc).unbind(0)
         if weights is not None:
-            weights, moved = total[2], total[3]
+            weights, moved, along = total[2], total[3], total[4]
         if per_tensor:
             sizes = [len(t) for pair in stats for t in pair]
             summed = list(total[len(head):].split(sizes))
             stats = [(summed[2 * i], summed[2 * i + 1]) for i in range(len(stats))]
+    guard = (weights, moved, along, top)
     if scope == "group":
-        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq, weights, moved
-    return ([([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq, weights,
-            moved)
+        return [(alphas, dot.reshape(1), sq.reshape(1))], dot, sq, guard
+    return [([alphas[i] for i in idx], d.to(acc), s.to(acc)) for idx, (d, s) in zip(buckets, stats)], dot, sq, guard
 
 
 def _moved_total(buckets, stats, alphas, scope, device) -> Tensor:
@@ -541,6 +568,21 @@ def _moved_total(buckets, stats, alphas, scope, device) -> Tensor:
         a = alphas[0].to(torch.float64) if scope == "group" else torch.stack([alphas[i] for i in idx]).to(torch.float64)
         parts.append((a.square() * s.to(torch.float64)).sum())
     return torch.stack(parts).sum()
+
+
+def _along_total(window_sums: list[Tensor], params: list[Tensor], device: torch.device) -> Tensor:
+    """Σ⟨A, w⟩ over the tensors (the weights before this step's move), float64 0-dim: the guard's
+    decay test. One dot per tensor, at the closings the guard watches."""
+    if not params:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([torch.dot(a.view(-1), p.detach().reshape(-1).to(a.dtype)).to(torch.float64)
+                        for a, p in zip(window_sums, params)]).sum()
+
+
+def _decays(along, sq, weights, decay):
+    """The guard's decay test: ‖A - decay·w‖² <= DECAY_SHARE²·‖A‖², decay = λ·(the window's steps),
+    from Σ⟨A, w⟩, Σ‖A‖² and Σ‖w‖² (floats or tensors)."""
+    return (decay > 0) & (sq > 0) & (sq - 2 * decay * along + decay * decay * weights <= DECAY_SHARE ** 2 * sq)
 
 
 def _weights_total(params: list[Tensor], device: torch.device) -> Tensor:
@@ -558,16 +600,17 @@ def _weights_total(params: list[Tensor], device: torch.device) -> Tensor:
     return torch.stack([p.detach().to(torch.float64).square().sum() for p in params]).sum()
 
 
-def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor | None = None) -> None:
+def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor | None = None,
+                  ceiling: Tensor | None = None) -> None:
     """Update every α-scope's α from ⟨A, P⟩ and ‖A‖² (``_window_statistics``; its factor at
-    most ``cut``, the blow-up guard's), then P ← A and A ← 0.
+    most ``cut``, and α at most max(α, ``ceiling``): the blow-up guard's), then P ← A and A ← 0.
 
     The last part swaps the two lists' entries (the old P, zeroed, becomes the new A)
     instead of copying A into P: the caller stores the lists back into its state.
     """
     scopes = statistics[0]
     for a, dots, sqs in scopes:
-        _update_alphas(a, dots, sqs, bound, cut=cut)
+        _update_alphas(a, dots, sqs, bound, cut=cut, ceiling=ceiling)
     _rotate_windows(window_sums, prev_window_sums)
 
 
@@ -603,10 +646,11 @@ def _host_factor(dot: float, sq: float, bound: float) -> float:
 
 
 def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, totals: tuple[float, float],
-                cut: float = math.inf) -> None:
-    """``_close_window`` for one α on the CPU: α ← α·min(1 + r, cut) when that stays a normal
-    float32 (else α is kept), P ← A, A ← 0."""
-    new = float(alpha) * min(_host_factor(*totals, bound), cut)
+                cut: float = math.inf, ceiling: float = math.inf) -> None:
+    """``_close_window`` for one α on the CPU: α ← min(α·min(1 + r, cut), max(α, ceiling)) when
+    that stays a normal float32 (else α is kept), P ← A, A ← 0."""
+    old = float(alpha)
+    new = min(old * min(_host_factor(*totals, bound), cut), max(old, ceiling))
     if math.isfinite(new) and _ALPHA_TINY <= new <= _ALPHA_MAX:
         alpha.fill_(new)
     _rotate_windows(window_sums, prev_window_sums)
@@ -619,7 +663,7 @@ def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
     values)."""
     done, k = window_state.tolist()
     done, k = done + 1, min(k, units)
-    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0, 0.0]  # None: no guard
+    energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0, 0.0, 0.0]  # None: no guard
     reference = max(energies[:2])
     if done < k and not (blowup_ratio is not None and reference > 0 and squares() / done > blowup_ratio * reference):
         window_state[0] = done
@@ -628,7 +672,7 @@ def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
 
 
 def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_state, units, window_reset,
-                   blowup_ratio, window_energy, params):
+                   blowup_ratio, window_energy, params, window, weight_decay):
     """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
     (the reference's), in float64 instead of the window sums' dtype."""
     unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy)
@@ -640,11 +684,15 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     dot, sq = _host_totals(window_sums, prev_window_sums)
     energy = sq / done
     jump = guarded and energy > blowup_ratio * reference
-    weights, moving = energies[2], False
+    weights, moving, decays, peak = energies[2], False, False, energies[3]
     if blowup_ratio is not None and (jump or done >= k):  # the weights before this step's move
         weights = float(_weights_total(params, alpha.device))
         moving = float(alpha) ** 2 * energy > MOVE_FLOOR ** 2 * weights  # steps that can throw them out
         jump = jump and moving
+        along = float(_along_total(window_sums, params, alpha.device))
+        decays = bool(_decays(along, sq, weights, weight_decay * done * window))
+        if not decays:
+            peak = max(peak, float(alpha))
     if done < k and not jump:  # the float64 total, or the steps' size, does not confirm the ‖A‖² test
         window_state[0] = done
         return [], []
@@ -655,16 +703,16 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     next_k = 1 if large or jump else min(k + 1, units)
 
     def close():
-        _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut)
+        _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut, peak if decays else math.inf)
         window_state.copy_(torch.tensor([0, next_k]))
         if window_energy is not None:
-            window_energy.copy_(torch.tensor([energy, energies[0], weights], dtype=torch.float64))
+            window_energy.copy_(torch.tensor([energy, energies[0], weights, peak], dtype=torch.float64))
 
     return ([close], []) if done >= k else ([], [close])
 
 
 def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound, window_state, units, window_reset,
-                       blowup_ratio, window_energy):
+                       blowup_ratio, window_energy, window, weight_decay):
     """The end of a unit of an adaptive window: (work before the move, work after it).
 
     The window closes when its units reach k (scheduled: α is updated before this step's
@@ -677,7 +725,7 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
     if host_reads_free(window_state.device) and squares is not None:
         if _host_unit(squares, window_state, units, blowup_ratio, window_energy) is None:
             return [], []
-    scopes, dot, sq, weights, moved = statistics()
+    scopes, dot, sq, (weights, moved, along, top) = statistics()
     done, k = window_state[0] + 1, window_state[1].clamp(max=units)
     scheduled = done >= k
     energy = sq.to(torch.float64) / done
@@ -695,14 +743,19 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
                                              math.inf))
         jump_or_grows = jump | grows
         kept_weights = weights
+        # The decay test: a window mostly of weight decay lets no α grow past the peak.
+        decays = _decays(along, sq.to(torch.float64), weights, weight_decay * window * done.to(torch.float64))
+        ceiling = torch.where(decays, window_energy[3], math.inf)
+        peak = torch.where(decays, window_energy[3], torch.maximum(window_energy[3], top))
     else:
-        jump, cut = torch.zeros_like(scheduled), None
+        jump, cut, ceiling = torch.zeros_like(scheduled), None, None
         jump_or_grows = jump
         kept_weights = window_energy[2] if window_energy is not None else None
+        peak = window_energy[3] if window_energy is not None else None
     large = (newton_factor(dot, sq, bound) - 1.0).abs() >= window_reset
     next_k = torch.where(large | jump_or_grows, torch.ones_like(k), (k + 1).clamp(max=units))
     closed_state = torch.stack([torch.zeros_like(k), next_k])
-    closed_energy = (torch.stack([energy, window_energy[0], kept_weights.to(torch.float64)])
+    closed_energy = (torch.stack([energy, window_energy[0], kept_weights.to(torch.float64), peak])
                      if window_energy is not None else None)
 
     if host_reads_free(window_state.device):
@@ -712,7 +765,7 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
             return [], []
 
         def close():
-            _close_window((scopes, dot, sq), window_sums, prev_window_sums, bound, cut)
+            _close_window((scopes, dot, sq), window_sums, prev_window_sums, bound, cut, ceiling)
             window_state.copy_(closed_state)
             if closed_energy is not None:
                 window_energy.copy_(closed_energy)
@@ -723,7 +776,7 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
 
     def update_alphas(mask):
         for a, dots, sqs in scopes:
-            _update_alphas(a, dots, sqs, bound, mask, cut)
+            _update_alphas(a, dots, sqs, bound, mask, cut, ceiling)
 
     def finish():
         update_alphas(early)

@@ -14,11 +14,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .functional import GROWTH, MOVE_FLOOR, advance_step, state_dtype, tlr, window_representation
+from .functional import DECAY_SHARE, GROWTH, MOVE_FLOOR, advance_step, state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "window_schedule", "DEFAULT_LR", "DEFAULT_WINDOW", "AUTO_WINDOW",
            "AUTO_MAX_WINDOW", "DEFAULT_WINDOW_RESET", "DEFAULT_BLOWUP_RATIO", "GROWTH",
-           "MOVE_FLOOR"]
+           "MOVE_FLOOR", "DECAY_SHARE"]
 
 SCOPES = ("group", "tensor")
 STATISTICS = ("gradient", "direction")
@@ -44,7 +44,9 @@ DEFAULT_BLOWUP_RATIO = 16.0
 # (⟨A, P⟩ < 0) and ‖A‖² per unit rises while the weights' Σ‖w‖² has grown more than GROWTH
 # times since the last closing — a blow-up too gradual for the ‖A‖² test (docs/defaults.md, "Blow-up guard").
 # Both tests count only steps that can throw the weights out: α·‖A‖ per unit at least
-# functional.MOVE_FLOOR (1%) of ‖w‖.
+# functional.MOVE_FLOOR (1%) of ‖w‖. Its decay test (functional.DECAY_SHARE): at a closing
+# whose window sum is mostly weight decay's pull λ·n·w (the data term silent) no α grows
+# past the largest α a window with a live data term moved with.
 
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
@@ -423,7 +425,12 @@ class TLR(Optimizer):
     with q that growth, and k becomes 1. Both tests count only where the steps can throw
     the weights out: Σ α²·‖A‖² per unit (α of each tensor's scope) above ``MOVE_FLOOR``²
     (1e-4) times Σ‖w‖², so a gradient spike under a tiny α does not cut it further.
-    Decided on the device (on the CPU, where reading is free, on the host).
+    Finally, at every closing whose window sum is mostly weight decay's pull,
+    ‖A - λ·n·w‖ <= ``DECAY_SHARE`` (0.6)·‖A‖ over the group (n the window's steps, w the
+    weights now) — the data term silent, where the Newton step asks for α ≈ 1/λ — no α
+    grows past max(α, peak), the peak being the largest α that a window with a live data
+    term moved with (from the initial α on; ``group["window_energy"][3]``). Decided on the device (on the CPU,
+    where reading is free, on the host).
 
     Parameters whose ``grad`` is None are skipped: their state is untouched, they add
     nothing to the window statistics, and a window closing without them leaves their
@@ -533,7 +540,7 @@ class TLR(Optimizer):
         group.setdefault("initial_lr", group["lr"].detach().clone() if isinstance(group["lr"], Tensor) else group["lr"])
         group.setdefault("step", 0)
         group["window_state"] = self._window_state(group.get("window_state"), device)
-        group["window_energy"] = self._window_energy(group.get("window_energy"), device)
+        group["window_energy"] = self._window_energy(group.get("window_energy"), device, group["alpha"])
         try:  # the Triton path keeps its step counter on the device from the start
             if devices and _resolve_backend(group["backend"], device, len(self.param_groups) - 1) == "triton":
                 group["step"] = torch.as_tensor(group["step"], dtype=torch.int64).to(device)
@@ -554,15 +561,19 @@ class TLR(Optimizer):
         return value.to(device=device, dtype=torch.int64, copy=True)
 
     @staticmethod
-    def _window_energy(value: Tensor | None, device: torch.device) -> Tensor:
-        """float64 [3] on ``device``, the blow-up guard's references: ‖A‖² per unit of the last
-        two closed windows, and Σ‖w‖² at the last closing (0: none; a [2] of older versions
-        gets a 0 there)."""
+    def _window_energy(value: Tensor | None, device: torch.device, alpha: Tensor) -> Tensor:
+        """float64 [4] on ``device``, the blow-up guard's references: ‖A‖² per unit of the last
+        two closed windows, Σ‖w‖² at the last closing (0: none) and the peak α of the decay
+        test, which starts at the initial α. Older versions' [2] and [3] get a 0 for Σ‖w‖²
+        and ``alpha`` (the group's α now) for the peak."""
         value = torch.zeros(3, dtype=torch.float64) if value is None else torch.as_tensor(value, dtype=torch.float64)
         if value.shape == (2,):
             value = torch.cat((value.cpu(), torch.zeros(1, dtype=torch.float64)))
-        if value.shape != (3,):
-            raise ValueError(f"window_energy must hold 3 values (2 from older versions), got shape {tuple(value.shape)}")
+        if value.shape == (3,):
+            value = torch.cat((value.to(device), alpha.detach().to(device=device, dtype=torch.float64).reshape(1)))
+        if value.shape != (4,):
+            raise ValueError(f"window_energy must hold 4 values (2 or 3 from older versions), got shape "
+                             f"{tuple(value.shape)}")
         return value.to(device=device, dtype=torch.float64, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -639,7 +650,7 @@ class TLR(Optimizer):
                     on_triton = False
                 group["step"] = group["step"].to(device, torch.int64, copy=True) if on_triton else int(group["step"])
             group["window_state"] = self._window_state(group.get("window_state"), device)  # a copy of its own
-            group["window_energy"] = self._window_energy(group.get("window_energy"), device)
+            group["window_energy"] = self._window_energy(group.get("window_energy"), device, group["alpha"])
 
     # ------------------------------------------------------------------ step
     def _check_group(self, index: int, group: dict[str, Any]):
@@ -717,8 +728,8 @@ class TLR(Optimizer):
         if not (isinstance(ws, Tensor) and ws.device == device and ws.dtype == torch.int64):
             group["window_state"] = self._window_state(ws, device)  # set by hand, or parameters moved
         we = group["window_energy"]
-        if not (isinstance(we, Tensor) and we.device == device and we.dtype == torch.float64 and we.shape == (3,)):
-            group["window_energy"] = self._window_energy(we, device)
+        if not (isinstance(we, Tensor) and we.device == device and we.dtype == torch.float64 and we.shape == (4,)):
+            group["window_energy"] = self._window_energy(we, device, lr)
         return lr
 
     def _init_group(self, group, backend, device, snapshots, dtensor, params, grads, bufs, sums, prev_sums, alphas, keys,

@@ -16,8 +16,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH, MOVE_FLOOR,
-                        check_hyperparameters, window_schedule)
+from .optimizer import (DECAY_SHARE, DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH,
+                        MOVE_FLOOR, check_hyperparameters, window_schedule)
 
 __all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
 
@@ -75,6 +75,7 @@ class ReferenceTLR(Optimizer):
         group["units_done"], group["units"] = 0, 1  # the window so far and its length, in units of W0 steps
         group["energy"] = [0.0, 0.0]  # ‖A‖² per unit of the last two closed windows (the blow-up guard's reference)
         group["weights"] = 0.0  # Σ‖w‖² at the last closing (the guard's growth test; 0: none yet)
+        group["peak"] = group["alpha"]  # the largest α a window not dominated by decay moved with (decay test)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -117,13 +118,14 @@ class ReferenceTLR(Optimizer):
         w0, max_units = window_schedule(group["window"], group["max_window"])
         scheduled = jump = False
         cut = math.inf  # no cap on α's factor unless the blow-up guard trips
-        weights = None  # Σ‖w‖² before this step's move, at unit ends the guard watches
+        weights = along = None  # Σ‖w‖² and Σ⟨A, w⟩ before this step's move, at unit ends the guard watches
         moving = False  # whether this unit's steps can throw the weights out (the guard watches only those)
         if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
             group["units_done"] += 1
             scheduled = group["units_done"] >= min(group["units"], max_units)
             if max_units > 1 and group["blowup_ratio"] is not None:
                 weights = sum(float(p.detach().double().square().sum()) for p in live)
+                along = sum(float((self.state[p]["window_sum"] * p.detach().double()).sum()) for p in live)
                 # The blow-up guard: ‖A‖² per unit of the window so far against the larger of
                 # the last two windows'. A jump closes the window after this step's move. It
                 # counts only where α·‖A‖ per unit is at least MOVE_FLOOR·‖w‖ (α²·‖A‖² summed
@@ -138,18 +140,18 @@ class ReferenceTLR(Optimizer):
                     cut = 1.0 / (1.0 + math.sqrt(energy / reference))
 
         if scheduled:  # α first, then the move (Algorithm 2's order)
-            self._close_window(group, live, max_units, jump, cut, weights, moving)
+            self._close_window(group, live, max_units, jump, cut, weights, moving, along)
         factor = float(group["lr"]) / float(group["initial_lr"])
         for p in live:
             p.copy_(p.double() - self._alpha(group, p) * factor * directions[p])
         if jump and not scheduled:  # an early close takes effect from the next step
-            self._close_window(group, live, max_units, jump, cut, weights, moving)
+            self._close_window(group, live, max_units, jump, cut, weights, moving, along)
         group["step"] += 1
 
     def _alpha(self, group, p) -> float:
         return group["alpha"] if group["scope"] == "group" else self.state[p]["alpha"]
 
-    def _close_window(self, group, live, max_units, jump, cut, weights=None, moving=False):
+    def _close_window(self, group, live, max_units, jump, cut, weights=None, moving=False, along=None):
         """α ← α·(1 + r) per scope (at most ``cut`` after a jump), the next window's length, P ← A, A ← 0.
 
         ``weights``: Σ‖w‖² before this step's move when the blow-up guard watches. Its growth
@@ -158,10 +160,22 @@ class ReferenceTLR(Optimizer):
         times since the last closing — iterates thrown outward, a blow-up too slow for the
         ‖A‖² test — so every α's factor is at most 1/(1 + √q), q that growth, and the next
         window is one unit long.
+
+        ``along``: Σ⟨A, w⟩ at the same point. Its decay test: where ‖A - λ·n·w‖ <= ``DECAY_SHARE``·‖A‖
+        (n the window's steps; the window mostly weight decay's pull: the data term is silent)
+        no α grows past max(α, peak); elsewhere the peak becomes the largest α this window moved with.
         """
         dot = _sum_of(self.state, live, "window_sum", "prev_window_sum")
         sq = _sum_of(self.state, live, "window_sum", "window_sum")
+        ceiling = math.inf
         if weights is not None:
+            w0, _ = window_schedule(group["window"], group["max_window"])
+            sums_u = group["statistic"] == "gradient" or group["momentum"] == 0  # A's decay part is λ·Σw
+            decay = group["weight_decay"] * group["units_done"] * w0 if sums_u else 0.0  # λ·n
+            if decay > 0 and sq > 0 and sq - 2 * decay * along + decay ** 2 * weights <= DECAY_SHARE ** 2 * sq:
+                ceiling = group["peak"]
+            else:
+                group["peak"] = max([group["peak"]] + [self._alpha(group, p) for p in live])
             rising = sq / group["units_done"] > group["energy"][0]
             if moving and group["weights"] > 0 and dot < 0 and rising and weights > GROWTH * group["weights"]:
                 jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / group["weights"])))
@@ -175,7 +189,8 @@ class ReferenceTLR(Optimizer):
             dot = _sum_of(self.state, tensors, "window_sum", "prev_window_sum")
             sq = _sum_of(self.state, tensors, "window_sum", "window_sum")
             holder = group if group["scope"] == "group" else self.state[tensors[0]]
-            holder["alpha"] = next_alpha(holder["alpha"], dot, sq, group["bound"], cut)
+            holder["alpha"] = min(next_alpha(holder["alpha"], dot, sq, group["bound"], cut),
+                                  max(holder["alpha"], ceiling))
         for p in live:
             st = self.state[p]
             st["prev_window_sum"] = st["window_sum"]
