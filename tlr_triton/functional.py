@@ -572,7 +572,7 @@ def _moved_total(buckets, stats, alphas, scope, device) -> Tensor:
 
 def _along_total(window_sums: list[Tensor], params: list[Tensor], device: torch.device) -> Tensor:
     """Σ⟨A, w⟩ over the tensors (the weights before this step's move), float64 0-dim: the guard's
-    decay test. One dot per tensor, at the closings the guard watches."""
+    decay test. One dot per tensor (as ``_dots_and_squares``), where the guard's statistics are taken."""
     if not params:
         return torch.zeros((), dtype=torch.float64, device=device)
     return torch.stack([torch.dot(a.view(-1), p.detach().reshape(-1).to(a.dtype)).to(torch.float64)
@@ -689,8 +689,9 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
         weights = float(_weights_total(params, alpha.device))
         moving = float(alpha) ** 2 * energy > MOVE_FLOOR ** 2 * weights  # steps that can throw them out
         jump = jump and moving
-        along = float(_along_total(window_sums, params, alpha.device))
-        decays = bool(_decays(along, sq, weights, weight_decay * done * window))
+        # Σ⟨A, w⟩ only where the decay test can trip (weight decay, A summing u)
+        decays = weight_decay > 0 and bool(_decays(float(_along_total(window_sums, params, alpha.device)), sq, weights,
+                                                   weight_decay * done * window))
         if not decays:
             peak = max(peak, float(alpha))
     if done < k and not jump:  # the float64 total, or the steps' size, does not confirm the ‖A‖² test

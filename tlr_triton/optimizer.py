@@ -429,8 +429,8 @@ class TLR(Optimizer):
     ‖A - λ·n·w‖ <= ``DECAY_SHARE`` (0.6)·‖A‖ over the group (n the window's steps, w the
     weights now) — the data term silent, where the Newton step asks for α ≈ 1/λ — no α
     grows past max(α, peak), the peak being the largest α that a window with a live data
-    term moved with (from the initial α on; ``group["window_energy"][3]``). Decided on the device (on the CPU,
-    where reading is free, on the host).
+    term moved with (from the initial α on; ``group["window_energy"][3]``). Decided on the
+    device (on the CPU, where reading is free, on the host).
 
     Parameters whose ``grad`` is None are skipped: their state is untouched, they add
     nothing to the window statistics, and a window closing without them leaves their
