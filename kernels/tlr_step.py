@@ -85,7 +85,7 @@ GROWTH = tl.constexpr(2.0)
 MOVE_FLOOR = tl.constexpr(0.01)
 # The decay test: at a closing with ‖A - λ·n·w‖ <= DECAY_SHARE·‖A‖ (n: the window's steps; a window
 # mostly of weight decay) no α grows past max(α, the peak α); tlr_triton.functional.DECAY_SHARE, the same value.
-DECAY_SHARE = tl.constexpr(0.6)
+DECAY_SHARE = tl.constexpr(0.9)
 
 # What the window kernel decides for this step (int32 ``flag``).
 OPEN = tl.constexpr(0)             # the window goes on

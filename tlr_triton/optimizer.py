@@ -426,7 +426,7 @@ class TLR(Optimizer):
     the weights out: Σ α²·‖A‖² per unit (α of each tensor's scope) above ``MOVE_FLOOR``²
     (1e-4) times Σ‖w‖², so a gradient spike under a tiny α does not cut it further.
     Finally, at every closing whose window sum is mostly weight decay's pull,
-    ‖A - λ·n·w‖ <= ``DECAY_SHARE`` (0.6)·‖A‖ over the group (n the window's steps, w the
+    ‖A - λ·n·w‖ <= ``DECAY_SHARE`` (0.9)·‖A‖ over the group (n the window's steps, w the
     weights now) — the data term silent, where the Newton step asks for α ≈ 1/λ — no α
     grows past max(α, peak), the peak being the largest α that a window with a live data
     term moved with (from the initial α on; ``group["window_energy"][3]``). Decided on the
