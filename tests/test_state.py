@@ -304,3 +304,55 @@ def test_step_plan_is_rebuilt_by_whatever_it_depends_on(cfg):
             for p, q in zip(params, other):
                 assert torch.equal(p, q), t
     assert_same_state(opt, ref)
+
+
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_window_sums_live_in_two_flat_buffers_on_the_cpu_and_copies_own_theirs():
+    """On the CPU the PyTorch path keeps a group's A and P as consecutive slices of two flat
+    buffers (one exact reduction per unit's end instead of one per tensor); the roles swap at
+    every closing. state_dict() and copies hand out window sums of their own (pickle writes
+    a slice's whole buffer: one copy per tensor), and the next step lays them out again."""
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    run(opt, params, 5)
+    live = [p for p in params if p.numel() > 0]
+
+    def layout(o, ps):
+        sums = [o.state[p]["window_sum"] for p in ps]
+        prevs = [o.state[p]["prev_window_sum"] for p in ps]
+        for tensors in (sums, prevs):
+            assert len({_storage(t) for t in tensors}) == 1
+            assert [t.storage_offset() for t in tensors] == [sum(t.numel() for t in tensors[:i])
+                                                             for i in range(len(tensors))]
+        assert _storage(sums[0]) != _storage(prevs[0])
+        return _storage(sums[0]), _storage(prevs[0])
+
+    a, p = layout(opt, live)
+    closed = False
+    for t in range(5, 30):  # a closing swaps the buffers' roles
+        run(opt, params, 1, start=t)
+        closed = closed or layout(opt, live) == (p, a)
+    assert closed
+    own = lambda t: t.untyped_storage().nbytes() == t.nbytes  # noqa: E731
+    for entry in opt.state_dict()["state"].values():
+        assert own(entry["window_sum"]) and own(entry["prev_window_sum"])
+    import pickle
+
+    many = [torch.randn(1000, requires_grad=True) for _ in range(20)]
+    big = TLR(many, lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for q in many:
+            q.grad = torch.randn(1000)
+        big.step()
+    state_bytes = sum(t.nbytes for e in big.state.values() for t in e.values() if isinstance(t, torch.Tensor))
+    assert len(pickle.dumps(big)) < 1.5 * state_bytes + 20_000  # one copy per tensor: 20 × the buffers
+    for dup in (copy.deepcopy(opt), _pickled(opt), _saved(opt)):
+        dup_live = [q for q in dup.param_groups[0]["params"] if q.numel() > 0]
+        assert all(own(dup.state[q]["window_sum"]) for q in dup_live)
+        for q in dup_live:
+            q.grad = torch.ones_like(q)
+        dup.step()
+        layout(dup, dup_live)

@@ -6,6 +6,7 @@ import math
 import numbers
 import operator
 import os
+from collections import defaultdict
 from itertools import compress, count, repeat
 from typing import Any
 
@@ -294,6 +295,53 @@ def _picker(idx: list[int]):
     return lambda xs: list(get(xs))
 
 
+def _flat_span(tensors: list[Tensor]) -> Tensor | None:
+    """A 1-D view over ``tensors`` where they are contiguous, consecutive slices of one storage
+    from its start, in order (else None)."""
+    first = tensors[0]
+    ptr, offset = first.untyped_storage().data_ptr(), 0
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return first.as_strided((offset,), (1,), 0)
+
+
+def _flat_windows(states, keys, sums: list[Tensor], prevs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """Lay a group's window sums A and P out as consecutive slices of two flat buffers, so that
+    the window's reductions run once over each buffer (``functional.tlr``'s ``flat_windows``).
+
+    The tensors are copied there unless they already are (a plan rebuilt while the state
+    stays), and the states and lists get the slices; ``state_dict()`` and copies hand out
+    tensors of their own (``_compact``). None where the sums differ in dtype.
+    """
+    if not sums or any(t.dtype != sums[0].dtype for t in sums + prevs):
+        return None
+    flats = []
+    for tensors, key_of in ((sums, keys), (prevs, repeat("prev_window_sum"))):
+        flat = _flat_span(tensors)
+        if flat is None:
+            flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+            views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+            torch._foreach_copy_(views, tensors)
+            for i, (state, key, view) in enumerate(zip(states, key_of, views)):
+                state[key] = tensors[i] = view
+        flats.append(flat)
+    return flats[0], flats[1]
+
+
+def _compact(entry: dict[str, Any]) -> dict[str, Any]:
+    """A state entry whose window sums own their storage: on the CPU they are slices of two flat
+    buffers (``_flat_windows``), and pickle writes a slice's whole buffer (torch.save would not),
+    so a pickled optimizer would hold one copy of the buffers per tensor. The next step lays
+    them out flat again."""
+    return {k: v.clone() if k in _WINDOW_KEYS and type(v) is Tensor and v.untyped_storage().nbytes() != v.nbytes
+            else v for k, v in entry.items()}
+
+
+_WINDOW_KEYS = ("window_sum", "prev_window_sum")
+
+
 class _StepPlan:
     """What a group's step gathered (``TLR._init_group``), kept for its next step.
 
@@ -321,6 +369,7 @@ class _StepPlan:
         self.dtypes = [p.dtype for p in params]  # p.data = p.data.half() keeps the tensor, not its dtype
         self.buckets = functional._buckets(params)
         self.serial = next(_PLAN_SERIALS)  # the launcher's state_token: unique, never reused
+        self.flat = None  # the flat window buffers (``_flat_windows``) where the group has them
         self.last_step = -1  # the optimizer's step() call that last built or checked this plan
 
     def fits(self, state, group, present, key, state_unchanged: bool) -> bool:
@@ -579,7 +628,15 @@ class TLR(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps defaults, state and param_groups; a process group cannot be copied or
         # pickled, so a copy only learns that the original had one (and refuses to step alone).
-        return {**super().__getstate__(), "had_shard_group": self._shard_group is not None}
+        state = super().__getstate__()
+        return {**state, "state": defaultdict(dict, {p: _compact(entry) for p, entry in state["state"].items()}),
+                "had_shard_group": self._shard_group is not None}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict()``, its window sums as tensors of their own (see ``_compact``)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: _compact(entry) for k, entry in state_dict["state"].items()}
+        return state_dict
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -856,8 +913,14 @@ class TLR(Optimizer):
                 buckets, states = None, [self.state[p] for p in owners]
                 rebuilt = True
                 if not dtensor and not torch.compiler.is_compiling():  # the lists are the plan's: tlr() fills them
+                    # on the CPU, A and P in two flat buffers: the guard's ‖A‖² at every unit's end
+                    # is one exact reduction instead of one per tensor
+                    flat = (_flat_windows(states, keys, sums, prev_sums)
+                            if backend == "torch" and group["scope"] == "group" and shard_group is None
+                            and functional.host_reads_free(device) else None)
                     plan = self._plans[id(group)] = _StepPlan(group, grads_all, key, owners, states, params, bufs,
                                                               sums, prev_sums, alphas, keys)
+                    plan.flat = flat
                     buckets = plan.buckets
             new_buffers = group["momentum"] != 0 and any(map(operator.is_, bufs, repeat(None)))
             tlr(
@@ -890,6 +953,7 @@ class TLR(Optimizer):
                 sharded_tensors=mesh_group is not None,
                 buckets=buckets,
                 state_token=plan.serial if plan is not None else None,
+                flat_windows=plan.flat if plan is not None else None,
             )
             if rebuilt or backend == "torch" or new_buffers:
                 # new buffers; on the PyTorch path also swapped sums and buffers reused as u
