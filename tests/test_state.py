@@ -356,3 +356,25 @@ def test_window_sums_live_in_two_flat_buffers_on_the_cpu_and_copies_own_theirs()
             q.grad = torch.ones_like(q)
         dup.step()
         layout(dup, dup_live)
+
+
+def test_gradients_that_come_and_go_do_not_copy_the_flat_window_buffers():
+    """A step without some tensor's gradient (a mixture of experts) reduces tensor by tensor
+    instead of laying the buffers out again for the tensors present; when every gradient is
+    back the buffers serve as before (no closing in between: a closing without a tensor swaps
+    the others' buffers, and the next full step lays them out once)."""
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=1000)
+    live = [p for p in params if p.numel() > 0]
+
+    def storages():
+        return {_storage(opt.state[p][k]) for p in live for k in ("window_sum", "prev_window_sum")}
+
+    run(opt, params, 1)
+    first = storages()
+    assert len(first) == 2
+    for t in range(1, 12):
+        torch.manual_seed(1000 + t)
+        set_grads([params], t, skip=(2,) if t % 2 else ())
+        opt.step()
+        assert storages() == first, t

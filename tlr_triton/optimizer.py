@@ -307,19 +307,24 @@ def _flat_span(tensors: list[Tensor]) -> Tensor | None:
     return first.as_strided((offset,), (1,), 0)
 
 
-def _flat_windows(states, keys, sums: list[Tensor], prevs: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+def _flat_windows(states, keys, sums: list[Tensor], prevs: list[Tensor], copy: bool) -> tuple[Tensor, Tensor] | None:
     """Lay a group's window sums A and P out as consecutive slices of two flat buffers, so that
     the window's reductions run once over each buffer (``functional.tlr``'s ``flat_windows``).
 
     The tensors are copied there unless they already are (a plan rebuilt while the state
     stays), and the states and lists get the slices; ``state_dict()`` and copies hand out
-    tensors of their own (``_compact``). None where the sums differ in dtype.
+    tensors of their own (``_compact``). Only with ``copy`` (every tensor of the group has a
+    gradient): where gradients come and go from step to step (a mixture of experts) each
+    plan would copy the buffers again. None where the sums differ in dtype, or are not flat
+    and may not be copied.
     """
     if not sums or any(t.dtype != sums[0].dtype for t in sums + prevs):
         return None
     flats = []
     for tensors, key_of in ((sums, keys), (prevs, repeat("prev_window_sum"))):
         flat = _flat_span(tensors)
+        if flat is None and not copy:
+            return None
         if flat is None:
             flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
             views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
@@ -915,7 +920,8 @@ class TLR(Optimizer):
                 if not dtensor and not torch.compiler.is_compiling():  # the lists are the plan's: tlr() fills them
                     # on the CPU, A and P in two flat buffers: the guard's ‖A‖² at every unit's end
                     # is one exact reduction instead of one per tensor
-                    flat = (_flat_windows(states, keys, sums, prev_sums)
+                    flat = (_flat_windows(states, keys, sums, prev_sums,
+                                          copy=len(params) == sum(p.numel() > 0 for p in group["params"]))
                             if backend == "torch" and group["scope"] == "group" and shard_group is None
                             and functional.host_reads_free(device) else None)
                     plan = self._plans[id(group)] = _StepPlan(group, grads_all, key, owners, states, params, bufs,
