@@ -173,18 +173,54 @@ def _update_alphas(alphas: list[Tensor], dots: Tensor, sqs: Tensor, bound: float
     torch._foreach_copy_(alphas, list(new.to(torch.float32).unbind(0)))
 
 
+# Long CPU tensors: torch's CPU reductions of one long fp32 tensor accumulate naively (10M
+# positive values: its sum of squares is off by 6e-4, torch.dot by 8e-5), so a CPU tensor
+# of more than _CHUNK elements is reduced in rows of _ROW elements (norms, on every core) or
+# chunks of _CHUNK (dots) whose results are summed in float64: exact to about 1e-8. Over a
+# thousand small tensors laid out flat (``flat_windows``) the rows are also faster than one
+# reduction per tensor (1000 × 10k: 0.8 ms against 4–7 ms).
+_ROW, _CHUNK = 4096, 1 << 16
+
+
+def _long(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.numel() > _CHUNK
+
+
+def _square_sum(t: Tensor) -> Tensor:
+    """‖t‖² of a contiguous tensor, float64 0-dim, in rows of ``_ROW`` (fp16/bf16 in fp32)."""
+    flat = t.view(-1)
+    rows = flat.numel() // _ROW
+    body, tail = flat[: rows * _ROW].view(rows, _ROW), flat[rows * _ROW:]
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return (torch.linalg.vector_norm(body, dim=1, dtype=acc).to(torch.float64).square().sum()
+            + tail.to(torch.float64).square().sum())
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a, b⟩ of two contiguous tensors of one dtype, 0-dim: torch.dot, or for a long CPU pair
+    chunks of ``_CHUNK`` summed in float64 (then float64)."""
+    a, b = a.view(-1), b.view(-1)
+    if not _long(a):
+        return torch.dot(a, b)
+    return torch.stack([torch.dot(x, y) for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))]).to(torch.float64).sum()
+
+
 def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-tensor ⟨A, P⟩ and ‖A‖², as two vectors (one entry per tensor).
+    """Per-tensor ⟨A, P⟩ and ‖A‖², as two vectors (one entry per tensor) in the sums' dtype.
 
     torch has no multi-tensor dot product; this loop runs only on window-closing steps
-    (once every `window` steps). Window sums are contiguous, so view(-1) is free.
+    (once every `window` steps). Window sums are contiguous, so view(-1) is free. Long CPU
+    tensors are reduced exactly (``_square_sum``, ``_dot``).
     """
-    dots = torch.stack([torch.dot(a.view(-1), p.view(-1)) for a, p in zip(window_sums, prev_window_sums)])
+    dots = torch.stack([_dot(a, p).to(a.dtype) for a, p in zip(window_sums, prev_window_sums)])
     if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():  # torch >= 2.13; Dynamo cannot trace it
-        sqs = torch.stack(torch._foreach_powsum(window_sums, 2))
+        sqs = list(torch._foreach_powsum(window_sums, 2))
     else:
-        sqs = torch.stack(torch._foreach_norm(window_sums)).square()
-    return dots, sqs
+        sqs = [n.square() for n in torch._foreach_norm(window_sums)]
+    for i, a in enumerate(window_sums):
+        if _long(a):
+            sqs[i] = _square_sum(a).to(a.dtype)
+    return dots, torch.stack(sqs)
 
 
 def _u(params, grads, *, weight_decay, maximize) -> tuple[list[Tensor], bool]:
@@ -587,7 +623,7 @@ def _along_total(window_sums: list[Tensor], params: list[Tensor], device: torch.
     decay test. One dot per tensor (as ``_dots_and_squares``), where the guard's statistics are taken."""
     if not params:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack([torch.dot(a.view(-1), p.detach().reshape(-1).to(a.dtype)).to(torch.float64)
+    return torch.stack([_dot(a, p.detach().to(a.dtype).contiguous()).to(torch.float64)
                         for a, p in zip(window_sums, params)]).sum()
 
 
@@ -604,10 +640,12 @@ def _weights_total(params: list[Tensor], device: torch.device) -> Tensor:
     if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():
         # fp16/bf16 summed in fp32 (their squares overflow); the others in their own dtype
         # (asking for float64 makes torch's CPU kernel 20 times slower on fp32)
-        half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
-        full = [p for p in params if p.dtype not in (torch.float16, torch.bfloat16)]
+        # (and long CPU tensors exactly: see _square_sum)
+        long = [p.detach().contiguous() for p in params if _long(p)]
+        half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16) and not _long(p)]
+        full = [p for p in params if p.dtype not in (torch.float16, torch.bfloat16) and not _long(p)]
         sums = (list(torch._foreach_powsum(half, 2, dtype=torch.float32)) if half else []) + (
-            list(torch._foreach_powsum(full, 2)) if full else [])
+            list(torch._foreach_powsum(full, 2)) if full else []) + [_square_sum(p) for p in long]
         return torch.stack([t.to(torch.float64) for t in sums]).sum()
     return torch.stack([p.detach().to(torch.float64).square().sum() for p in params]).sum()
 
@@ -645,25 +683,14 @@ def _square_total(window_sums: list[Tensor]) -> float:
     return float(torch.stack(torch._foreach_powsum(window_sums, 2)).sum())  # one read, not one per tensor
 
 
-# Reductions over a flat window buffer (``flat_windows``): torch's CPU sum of squares of one
-# long fp32 tensor accumulates naively (10M elements: off by 6e-4; torch.dot: 8e-5), so the
-# buffer is reduced in rows of _ROW elements (norms, on every core) or chunks of _CHUNK
-# (dots), whose results are summed in float64: exact to about 1e-8, and faster than a
-# per-tensor reduction over many small tensors (1000 × 10k: 0.8 ms against 4–7 ms).
-_ROW, _CHUNK = 4096, 1 << 16
-
-
 def _flat_square(flat: Tensor) -> float:
-    """‖flat‖², read on the host (CPU only)."""
-    rows = flat.numel() // _ROW
-    body, tail = flat[: rows * _ROW].view(rows, _ROW), flat[rows * _ROW:]
-    total = torch.linalg.vector_norm(body, dim=1).to(torch.float64).square().sum() if rows else 0.0
-    return float(total) + float(tail.to(torch.float64).square().sum())
+    """‖flat‖² of a flat window buffer, read on the host (CPU only)."""
+    return float(_square_sum(flat))
 
 
 def _flat_dot(a: Tensor, b: Tensor) -> float:
-    """⟨a, b⟩ of two flat buffers, read on the host (CPU only)."""
-    return math.fsum(torch.stack([torch.dot(x, y) for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))]).tolist())
+    """⟨a, b⟩ of two flat window buffers, read on the host (CPU only)."""
+    return float(_dot(a, b))
 
 
 def _flat_roles(flat_windows: tuple[Tensor, Tensor] | None, window_sums: list[Tensor]):
