@@ -200,7 +200,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     """⟨a, b⟩ of two contiguous tensors of one dtype, 0-dim: torch.dot, or for a long CPU pair
     chunks of ``_CHUNK`` summed in float64 (then float64)."""
     a, b = a.view(-1), b.view(-1)
-    if not _long(a):
+    if not _long(a) or torch.compiler.is_compiling():  # traced, the chunks would unroll into one op each
         return torch.dot(a, b)
     return torch.stack([torch.dot(x, y) for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))]).to(torch.float64).sum()
 

@@ -340,6 +340,8 @@ def _compact(entry: dict[str, Any]) -> dict[str, Any]:
     buffers (``_flat_windows``), and pickle writes a slice's whole buffer (torch.save would not),
     so a pickled optimizer would hold one copy of the buffers per tensor. The next step lays
     them out flat again."""
+    if not isinstance(entry, dict):  # a state_dict hook's own entry: left as it is
+        return entry
     return {k: v.clone() if k in _WINDOW_KEYS and type(v) is Tensor and v.untyped_storage().nbytes() != v.nbytes
             else v for k, v in entry.items()}
 
