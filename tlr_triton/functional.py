@@ -205,6 +205,23 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.stack([torch.dot(x, y) for x, y in zip(a.split(_CHUNK), b.split(_CHUNK))]).to(torch.float64).sum()
 
 
+def _squares(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor ‖t‖², in order: one ``_foreach_powsum`` over the short tensors (fp16/bf16
+    summed in fp32: their squares overflow; the others in their own dtype, as float64 makes
+    torch's CPU kernel 20 times slower on fp32), long CPU tensors exactly (``_square_sum``)."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    half = [i for i, t in enumerate(tensors) if t.dtype in (torch.float16, torch.bfloat16) and not _long(t)]
+    full = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16) and not _long(t)]
+    for idx, kw in ((half, dict(dtype=torch.float32)), (full, {})):
+        if idx:
+            for i, v in zip(idx, torch._foreach_powsum([tensors[i] for i in idx], 2, **kw)):
+                out[i] = v
+    for i, t in enumerate(tensors):
+        if out[i] is None:
+            out[i] = _square_sum(t.contiguous())
+    return out
+
+
 def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per-tensor ⟨A, P⟩ and ‖A‖², as two vectors (one entry per tensor) in the sums' dtype.
 
@@ -214,12 +231,10 @@ def _dots_and_squares(window_sums: list[Tensor], prev_window_sums: list[Tensor])
     """
     dots = torch.stack([_dot(a, p).to(a.dtype) for a, p in zip(window_sums, prev_window_sums)])
     if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():  # torch >= 2.13; Dynamo cannot trace it
-        sqs = list(torch._foreach_powsum(window_sums, 2))
+        sqs = [v.to(a.dtype) for v, a in zip(_squares(window_sums), window_sums)]
     else:
-        sqs = [n.square() for n in torch._foreach_norm(window_sums)]
-    for i, a in enumerate(window_sums):
-        if _long(a):
-            sqs[i] = _square_sum(a).to(a.dtype)
+        sqs = [n.square() if not _long(a) else _square_sum(a).to(a.dtype)
+               for n, a in zip(torch._foreach_norm(window_sums), window_sums)]
     return dots, torch.stack(sqs)
 
 
@@ -638,15 +653,7 @@ def _weights_total(params: list[Tensor], device: torch.device) -> Tensor:
     if not params:
         return torch.zeros((), dtype=torch.float64, device=device)
     if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():
-        # fp16/bf16 summed in fp32 (their squares overflow); the others in their own dtype
-        # (asking for float64 makes torch's CPU kernel 20 times slower on fp32)
-        # (and long CPU tensors exactly: see _square_sum)
-        long = [p.detach().contiguous() for p in params if _long(p)]
-        half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16) and not _long(p)]
-        full = [p for p in params if p.dtype not in (torch.float16, torch.bfloat16) and not _long(p)]
-        sums = (list(torch._foreach_powsum(half, 2, dtype=torch.float32)) if half else []) + (
-            list(torch._foreach_powsum(full, 2)) if full else []) + [_square_sum(p) for p in long]
-        return torch.stack([t.to(torch.float64) for t in sums]).sum()
+        return torch.stack([t.to(torch.float64) for t in _squares([p.detach() for p in params])]).sum()
     return torch.stack([p.detach().to(torch.float64).square().sum() for p in params]).sum()
 
 
