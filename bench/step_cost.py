@@ -7,12 +7,14 @@
 Every optimizer has momentum 0.9 and weight decay 5e-4. The optimizers take turns, one
 round each, so a drift of the machine (frequency, other tenants) hits them alike; the
 figure is the median over rounds of the time per step, and the ratio is to
-``SGD(foreach=True)`` of the same rounds. TLR runs at its defaults (``window="auto"``)
-twice: grown to its longest window, 48 steps (16 three-step units; every unit end tests
-the blow-up guard, one closes), timed over whole windows — where a long run spends
-its time — and with every unit closing its window (the benchmark's constant gradients
-would keep it there), its worst case. ``--load N`` starts N processes that multiply
-matrices on all cores (as data-loader workers would) for the whole measurement.
+``SGD(foreach=True)`` of the same rounds. TLR runs at its defaults (``window="auto"``, the
+blow-up guard testing every 3-step unit's end) with its window held at three lengths, timed
+over whole windows: every unit closing its window (3 steps, the worst case), 6 steps, and
+its longest, 48 steps (16 units). Real runs sit near the short end:
+``python bench/step_cost.py --windows`` trains the models of bench/experiments.py at the
+defaults and prints how many steps pass per closing (3.8–7.7 on 2026-12-04). ``--load N``
+starts N processes that multiply matrices on all cores (as data-loader workers would) for
+the whole measurement.
 
 ``pytest bench/ --benchmark-only`` (bench/test_step_cost.py) times more variants with
 pytest-benchmark, one optimizer after the other.
@@ -45,22 +47,60 @@ LAYOUTS = {
 }
 
 
-def grown(opt: TLR) -> TLR:
-    """The adaptive window at its longest (k = 16 units of 3 steps), kept there: constant
-    gradients would make every Newton step large and reset it."""
+def held(opt: TLR, units: int) -> TLR:
+    """The adaptive window held at ``units`` 3-step units per window, each unit end testing the
+    blow-up guard as at the defaults: ``window_reset`` 0 makes every Newton step "large"
+    (k back to 1), 1e30 none (k grows to its cap, ``max_window``, and stays)."""
     for group in opt.param_groups:
-        group["window_reset"] = 1e30
-        group["window_state"] = torch.tensor([0, 16])
+        group["window_reset"] = 0.0 if units == 1 else 1e30
+        if units > 1:
+            group["max_window"] = 3 * units
+            group["window_state"] = torch.tensor([0, units])
     return opt
+
+
+def grown(opt: TLR) -> TLR:
+    """The adaptive window at its longest (k = 16 units of 3 steps), kept there."""
+    return held(opt, 16)
+
+
+def _tlr(units: int):
+    return lambda ps: held(TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), units)
 
 
 # name → (build, steps per round: a whole number of windows)
 OPTIMIZERS = {
-    "SGD foreach": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True), 3),
-    "SGD fused": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True), 3),
-    "TLR default, 48-step windows": (lambda ps: grown(TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)), 48),
-    "TLR default, every unit closes": (lambda ps: TLR(ps, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), 3),
+    "SGD foreach": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True), 6),
+    "SGD fused": (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True), 6),
+    "TLR default, every unit closes (3 steps)": (_tlr(1), 6),
+    "TLR default, 6-step windows": (_tlr(2), 6),
+    "TLR default, 48-step windows": (_tlr(16), 48),
 }
+
+
+def closing_intervals(epochs: int = 5) -> list[tuple[str, float, int, float]]:
+    """Steps per closing of TLR at its defaults (window "auto", the blow-up guard) in the
+    training runs of bench/experiments.py (digits MLP at batch 16 and 128, the character
+    transformer, wine): how long the windows of a real run are."""
+    from bench import experiments as ex
+
+    runs = [("digits", 0.01, 16), ("digits", 0.01, 128), ("charlm", 0.1, 32), ("wine", 0.1, 16)]
+    out = []
+    for name, lr, batch in runs:
+        task = ex.TASKS[name]()
+        model = task.model(0)
+        opt = TLR(model.parameters(), lr=lr, momentum=ex.MOMENTUM, weight_decay=ex.WEIGHT_DECAY)
+        state, steps, closings = opt.param_groups[0]["window_state"], 0, 0
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            for xb, yb in task.batches(batch, gen):
+                opt.zero_grad(set_to_none=True)
+                task.loss(model, xb, yb).backward()
+                opt.step()
+                steps += 1
+                closings += steps % 3 == 0 and int(state[0]) == 0  # a unit ended and its window closed
+        out.append((f"{name} (MLP)" if name != "charlm" else "charlm (transformer)", lr, batch, steps / max(closings, 1)))
+    return out
 
 
 def _busy(threads: int) -> None:  # a load process: matrix products on every core, until killed
@@ -104,7 +144,14 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=0, help="busy processes sharing the cores while timing")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds after which an optimizer's rounds stop")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
+    parser.add_argument("--windows", action="store_true", help="only print how often real default runs close a window")
     args = parser.parse_args()
+    if args.windows:
+        print(f"Steps per window closing of TLR at its defaults, 5 epochs, seed 0, {date.today()} "
+              "(`python bench/step_cost.py --windows`)\n\n| task | α0 | batch | steps per closing |\n|---|---:|---:|---:|")
+        for name, lr, batch, interval in closing_intervals():
+            print(f"| {name} | {lr:g} | {batch} | {interval:.1f} |", flush=True)
+        return
 
     load = [multiprocessing.get_context("spawn").Process(target=_busy, args=(torch.get_num_threads(),), daemon=True)
             for _ in range(args.load)]

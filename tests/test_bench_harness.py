@@ -95,3 +95,34 @@ def test_step_cost_times_every_optimizer_in_turn():
     ms = step_cost.measure("mlp", rounds=2, budget_s=60.0)
     assert list(ms) == list(step_cost.OPTIMIZERS)
     assert all(0 < v < 1e4 for v in ms.values())
+
+
+@pytest.mark.parametrize("units", [1, 2, 16])
+def test_step_cost_holds_the_default_window_at_its_length(units):
+    """The benchmark's TLR columns time what they name: with noisy gradients the held window
+    closes exactly once every 3·units steps, and the blow-up guard stays on."""
+    import torch
+
+    from bench import step_cost
+    from tlr_triton import TLR
+
+    torch.manual_seed(0)
+    params = [torch.randn(50, 20, requires_grad=True), torch.randn(20, requires_grad=True)]
+    opt = step_cost.held(TLR(params, momentum=0.9, weight_decay=5e-4), units)
+    assert opt.param_groups[0]["blowup_ratio"] is not None
+    closed = []
+    for t in range(6 * units * 3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if (t + 1) % 3 == 0:
+            closed.append(int(opt.param_groups[0]["window_state"][0]) == 0)
+    assert closed == [(i + 1) % units == 0 for i in range(len(closed))]
+
+
+def test_closing_intervals_count_the_closings_of_real_runs():
+    from bench import step_cost
+
+    rows = step_cost.closing_intervals(epochs=1)
+    assert len(rows) == 4
+    assert all(3.0 <= interval <= 48.0 for *_, interval in rows)

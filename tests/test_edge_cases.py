@@ -328,3 +328,30 @@ def test_window_statistics_of_a_long_cpu_tensor_are_exact():
     assert float(functional._along_total([a], [w], device)) == pytest.approx(exact(a, w), rel=1e-7)
     half = w.to(torch.bfloat16)
     assert float(functional._weights_total([half], device)) == pytest.approx(exact(half, half), rel=1e-5)
+
+
+def test_guard_weight_totals_through_the_flat_buffers_match_the_per_tensor_ones():
+    """At a closing of a group with flat window buffers the guard's Σ‖w‖² and Σ⟨A, w⟩ are taken
+    after copying the weights into P's buffer (free once ⟨A, P⟩ is read): the same values as one
+    reduction per tensor, A untouched; fp32, bf16 and non-contiguous weights."""
+    from tlr_triton import functional
+
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(300, 70, generator=g), torch.randn(5, generator=g).to(torch.bfloat16),
+               torch.randn(40, 30, generator=g).t(), torch.randn(100_000, generator=g)]
+    n = sum(w.numel() for w in weights)
+    flat_a, flat_p = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    split = lambda flat: [v.view(w.shape) for v, w in zip(flat.split([w.numel() for w in weights]), weights)]  # noqa: E731
+    sums, prevs = split(flat_a), split(flat_p)
+    a_before = flat_a.clone()
+    device = torch.device("cpu")
+    expect_sq = sum(float(w.double().square().sum()) for w in weights)
+    expect_along = sum(float((a.double() * w.double()).sum()) for a, w in zip(sums, weights))
+    sq, along = functional._flat_weights(weights, prevs, (flat_a, flat_p), True)
+    assert sq == pytest.approx(expect_sq, rel=1e-7)
+    scale = (sq * float(flat_a.double().square().sum())) ** 0.5  # ⟨A, w⟩ sums terms of both signs
+    assert along == pytest.approx(expect_along, abs=1e-7 * scale)
+    assert float(functional._weights_total(weights, device)) == pytest.approx(sq, rel=1e-6)
+    assert float(functional._along_total(sums, weights, device)) == pytest.approx(along, abs=1e-6 * scale)
+    assert torch.equal(flat_a, a_before)
+    assert functional._flat_weights(weights, prevs, (flat_a, flat_p), False)[1] == 0.0
