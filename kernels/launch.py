@@ -21,6 +21,7 @@ from array import array
 from collections import OrderedDict
 from functools import reduce
 from itertools import repeat
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -177,22 +178,11 @@ def tlr_triton_step(
     window_sums: list[Tensor],
     prev_window_sums: list[Tensor],
     alphas: list[Tensor],
+    config,
     *,
     step: Tensor,
-    window: int,
-    units: int = 1,
-    window_reset: float = 0.05,
     window_state: Tensor,
-    blowup_ratio: float | None = None,
     window_energy: Tensor | None = None,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    bound: float,
-    statistic: str,
-    scope: str,
     buckets: list[list[int]],
     snapshots: list[bool],
     lr_factor: float | Tensor = 1.0,
@@ -204,6 +194,11 @@ def tlr_triton_step(
 ) -> None:
     """One TLR step of one param group on the Triton path (see the module docstring).
 
+    ``config`` holds the group's hyper-parameters and window schedule as attributes
+    (``tlr_triton.functional.StepConfig``, read by name: this package imports nothing of
+    ``tlr_triton``): momentum, dampening, weight_decay, nesterov, maximize, bound,
+    statistic, scope, window (W0), units (K), window_reset, blowup_ratio.
+
     New momentum buffers are created for ``None`` entries of ``momentum_buffers``, or,
     when ``first_steps`` is given, every buffer exists and the flags say which are new.
 
@@ -213,15 +208,17 @@ def tlr_triton_step(
     is its (κ, c): A = c·(S - (w - α·κ·b))/α (``functional.snapshot_form``). ``step`` is the
     group's int64 step counter on the device, read here and advanced by the caller.
     ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
-    updated here; windows are k·``window`` steps, 1 <= k <= ``units``. ``blowup_ratio``
-    (None: off) and ``window_energy`` (float64 [3], updated here) are the adaptive
-    window's blow-up guard (``functional.tlr``).
+    updated here; windows are k·W0 steps, 1 <= k <= K. ``config.blowup_ratio`` (None: off)
+    and ``window_energy`` (float64 [4], updated here) are the adaptive window's blow-up
+    guard (``functional.tlr``).
 
     ``state_token``: None, or a value the caller changes whenever a state tensor (momentum
     buffer, A or S, P, α) may have been replaced; while it stays the same, the address
     tables are keyed on it instead of on the state tensors' addresses (only the weights',
     the gradients' and the new-buffer flags are read every step).
     """
+    momentum, scope, window, units = config.momentum, config.scope, config.window, config.units
+    blowup_ratio = config.blowup_ratio if units > 1 else None  # the guard watches adaptive windows only
     device = step.device
     launches = []
     serials, part_offsets, nblks, alpha_ptrs = [], [], [], []
@@ -285,12 +282,12 @@ def tlr_triton_step(
     group_key = (("group", device, scope, tuple(serials)) if state_token is None
                  else ("group", device, scope, state_token, tuple(nblks)))
     part, flag, cut, scopes = tables.get(group_key, build_group)
-    hyper = _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor,
-                   blowup_ratio if units > 1 and blowup_ratio is not None else 0.0, snapshot_form)
+    hyper = _hyper(device, momentum, config.dampening, config.weight_decay, config.maximize, config.bound,
+                   config.window_reset, lr_factor, blowup_ratio if blowup_ratio is not None else 0.0, snapshot_form)
     dummy = flag  # any device pointer, never read when the matching flag is off
     kw = dict(
         HAS_MOMENTUM=momentum != 0,
-        NESTEROV=nesterov,
+        NESTEROV=config.nesterov,
         HAS_SCALE=grad_scale is not None,
     )
     with _device_guard(device):
@@ -301,7 +298,7 @@ def tlr_triton_step(
                 found_inf if found_inf is not None else dummy,
                 window_state, window, units, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
-                SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap,
+                SUM_DIRECTION=config.statistic == "direction", SNAPSHOT=snap,
                 HAS_INF=found_inf is not None, BLOCK=block, ALIGN=align, num_warps=NUM_WARPS, **kw,
             )
         K.tlr_window_kernel[(1,)](
@@ -318,7 +315,7 @@ def tlr_triton_step(
                 tab, n, blk, n_blocks, flag, part, part.shape[1], offset,
                 grad_scale if grad_scale is not None else dummy, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
-                SUM_DIRECTION=statistic == "direction", SNAPSHOT=snap, BLOCK=block, ALIGN=align,
+                SUM_DIRECTION=config.statistic == "direction", SNAPSHOT=snap, BLOCK=block, ALIGN=align,
                 num_warps=NUM_WARPS, **kw,
             )
     for p, pc in copies:
@@ -399,11 +396,12 @@ def triton_step_op(
     ``bucket_of`` gives each tensor's bucket, whose window representation is ``snapshots[bucket]``."""
     buckets = [[i for i, b in enumerate(bucket_of) if b == k] for k in range(len(snapshots))]
     bufs = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    config = SimpleNamespace(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                             maximize=maximize, bound=bound, statistic=statistic, scope=scope, window=window,
+                             units=units, window_reset=window_reset, blowup_ratio=blowup_ratio)
     tlr_triton_step(
-        params, grads, bufs, window_sums, prev_window_sums, alphas, step=step, window=window, units=units,
-        window_reset=window_reset, window_state=window_state, blowup_ratio=blowup_ratio, window_energy=window_energy,
-        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        maximize=maximize, bound=bound, statistic=statistic, scope=scope, buckets=buckets, snapshots=snapshots,
+        params, grads, bufs, window_sums, prev_window_sums, alphas, config, step=step, window_state=window_state,
+        window_energy=window_energy, buckets=buckets, snapshots=snapshots,
         lr_factor=lr_factor_tensor if lr_factor_tensor is not None else lr_factor,
         grad_scale=grad_scale, found_inf=found_inf, first_steps=first_steps if momentum != 0 else None,
         snapshot_form=(snapshot_kappa, snapshot_c),

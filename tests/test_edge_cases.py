@@ -225,30 +225,30 @@ def test_cpu_fused_move_takes_only_tensors_above_torchs_grain(monkeypatch):
 
 def test_functional_adaptive_window_without_guard_needs_no_window_energy():
     """tlr() takes window_energy=None when the blow-up guard is off (the CPU's host-side closing too)."""
-    from tlr_triton.functional import tlr
+    from tlr_triton.functional import StepConfig, tlr
 
+    config = StepConfig(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, bound=0.25,
+                        statistic="gradient", scope="group", window=2, units=4, blowup_ratio=None)
     params = [torch.randn(5), torch.randn(3, 2)]
     sums, prevs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     bufs, alpha, state = [None, None], torch.tensor(0.1), torch.tensor([0, 1])
     for step in range(12):
         grads = [torch.randn_like(p) for p in params]
-        tlr(params, grads, bufs, sums, prevs, [alpha], step=step, window=2, max_window=8, window_state=state,
-            blowup_ratio=None, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-            bound=0.25, statistic="gradient", scope="group")
+        tlr(params, grads, bufs, sums, prevs, [alpha], config, step=step, window_state=state)
     assert torch.isfinite(alpha) and alpha > 0 and int(state[1]) >= 1
 
 
 def test_functional_refuses_a_window_energy_of_another_shape():
     """The guard keeps 4 values (two windows' ‖A‖² per unit, the last closing's Σ‖w‖², the peak α):
     a [3] tensor (an older layout) is refused by tlr() with its shape, not written past its end."""
-    from tlr_triton.functional import tlr
+    from tlr_triton.functional import StepConfig, tlr
 
+    config = StepConfig(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, bound=0.25,
+                        statistic="gradient", scope="group", window=3, units=16, blowup_ratio=16.0)
     params = [torch.randn(5)]
     with pytest.raises(ValueError, match=r"window_energy .*4 values.*\(3,\)"):
-        tlr(params, [torch.randn(5)], [None], [torch.zeros(5)], [torch.zeros(5)], [torch.tensor(0.1)], step=0,
-            window=3, max_window=48, window_state=torch.tensor([0, 1]), blowup_ratio=16.0,
-            window_energy=torch.zeros(3, dtype=torch.float64), momentum=0.9, dampening=0.0, weight_decay=0.0,
-            nesterov=False, maximize=False, bound=0.25, statistic="gradient", scope="group")
+        tlr(params, [torch.randn(5)], [None], [torch.zeros(5)], [torch.zeros(5)], [torch.tensor(0.1)], config,
+            step=0, window_state=torch.tensor([0, 1]), window_energy=torch.zeros(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kept", [2, 3])

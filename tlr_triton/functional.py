@@ -18,11 +18,12 @@ factor stay tensors, so a step never synchronises with the device.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["tlr", "newton_factor", "state_dtype", "window_representation", "snapshot_form", "snapshot_to_sum",
+__all__ = ["tlr", "StepConfig", "newton_factor", "state_dtype", "window_representation", "snapshot_form", "snapshot_to_sum",
            "sum_to_snapshot", "snapshots_allowed", "advance_step", "host_reads_free"]
 
 # The blow-up guard's growth test (``tlr``'s docstring; docs/defaults.md, "Blow-up guard"):
@@ -328,6 +329,33 @@ def _buckets(params: list[Tensor]) -> list[list[int]]:
     return list(out.values())
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    """A parameter group's hyper-parameters as ``tlr`` reads them, its window schedule included:
+    windows are k·``window`` steps long (W0, one unit), 1 <= k <= ``units`` (K; 1: the
+    paper's fixed window, more: the adaptive one). The optimizer builds one when a group's
+    hyper-parameters change (and validates them then), and passes the same object to every
+    step in between. The blow-up guard (``blowup_ratio``, None: off) watches adaptive
+    windows only."""
+
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+    bound: float
+    statistic: str  # "gradient": A sums u = s·g + λ·w; "direction": A sums the step's direction d
+    scope: str      # "group": one α for the group; "tensor": one α per tensor
+    window: int = 1
+    units: int = 1
+    window_reset: float = 0.05
+    blowup_ratio: float | None = None
+
+    @property
+    def guarded(self) -> bool:
+        return self.units > 1 and self.blowup_ratio is not None
+
+
 def tlr(
     params: list[Tensor],
     grads: list[Tensor],
@@ -335,22 +363,11 @@ def tlr(
     window_sums: list[Tensor],
     prev_window_sums: list[Tensor],
     alphas: list[Tensor],
+    config: StepConfig,
     *,
     step: int | Tensor,
-    window: int,
-    max_window: int | None = None,
-    window_reset: float = 0.05,
     window_state: Tensor | None = None,
-    blowup_ratio: float | None = None,
     window_energy: Tensor | None = None,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    maximize: bool,
-    bound: float,
-    statistic: str,
-    scope: str,
     lr_factor: float | Tensor = 1.0,
     backend: str = "torch",
     grad_scale: Tensor | None = None,
@@ -372,22 +389,23 @@ def tlr(
             P zeroed); the caller stores both lists back.
         alphas: float32 0-dim tensors, updated in place: one (scope "group") or one per
             tensor (scope "tensor").
-        step, window: the group's step count before this step and its window W0. The
-            PyTorch path takes an int step (and the caller advances it); the Triton path
-            an int64 device tensor, which it advances itself, on the device.
-        max_window, window_reset, window_state: windows are k·W0 steps long,
-            1 <= k <= K = max_window // window (K = 1, fixed windows, when max_window is
-            None). Every step with (step + 1) % W0 == 0 ends a unit; the window closes
-            when its units reach k. ``window_state`` is an int64 tensor [units so far, k]
-            on the parameters' device, updated in place: after a closing k becomes 1 if
-            |r| of the group's total ⟨A, P⟩, ‖A‖² is >= ``window_reset``, else
-            min(k + 1, K). Needed when K > 1 (the PyTorch path ignores it when K = 1).
-        blowup_ratio, window_energy: the adaptive window's blow-up guard (K > 1 only; None:
-            off). ``window_energy`` is a float64 [4] tensor, ‖A‖² per unit of the last two
+        config: the group's hyper-parameters (``StepConfig``), its window schedule included.
+        step: the group's step count before this step. The PyTorch path takes an int (and
+            the caller advances it); the Triton path an int64 device tensor, which it
+            advances itself, on the device.
+        window_state: windows are k·W0 steps long, 1 <= k <= K (``config.window``,
+            ``config.units``; K = 1: fixed windows). Every step with (step + 1) % W0 == 0
+            ends a unit; the window closes when its units reach k. ``window_state`` is an
+            int64 tensor [units so far, k] on the parameters' device, updated in place:
+            after a closing k becomes 1 if |r| of the group's total ⟨A, P⟩, ‖A‖² is >=
+            ``config.window_reset``, else min(k + 1, K). Needed when K > 1 (the PyTorch path
+            ignores it when K = 1).
+        window_energy: the adaptive window's blow-up guard (K > 1 and
+            ``config.blowup_ratio`` not None; else off): a float64 [4] tensor, ‖A‖² per unit of the last two
             closed windows, Σ‖w‖² at the last closing and the peak α (below; the optimizer
             starts it at the initial α, 0 holds α until a first such window), updated in
             place. At every unit's
-            end, if ‖A‖² per unit of the window so far exceeds ``blowup_ratio`` times the
+            end, if ‖A‖² per unit of the window so far exceeds ``config.blowup_ratio`` times the
             larger of the two, the window closes after this step's move (a scheduled
             closing comes first, as always), k becomes 1 and every α's factor is at most
             1/(1 + √q), q that ratio. At every closing, if ⟨A, P⟩ < 0 while Σ‖w‖² (before
@@ -402,7 +420,7 @@ def tlr(
         lr_factor: a learning-rate schedule's factor (``lr / initial_lr``, a float or a
             0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
             without it.
-        backend: "torch" or "triton". On the Triton path ``window_sums`` holds, for the
+        backend: "torch" (``_tlr_torch``) or "triton" (``_tlr_triton``). On the Triton path ``window_sums`` holds, for the
             tensors where ``window_representation`` says "window_start", the window-start
             snapshot of ``snapshot_form`` instead of A.
         grad_scale, found_inf: AMP's tensors (Triton path only): gradients are divided
@@ -427,77 +445,92 @@ def tlr(
             every closing). The window's reductions then run over them in rows
             (``_flat_square``): exact, and one reduction instead of one per tensor.
     """
-    if scope == "group" and len(alphas) != 1:
+    if config.scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
-    if scope == "tensor" and len(alphas) != len(params):
+    if config.scope == "tensor" and len(alphas) != len(params):
         raise ValueError(f"scope 'tensor' takes one alpha per tensor, got {len(alphas)} for {len(params)}")
-    units = 1 if max_window is None else max(1, max_window // window)
-    if units > 1 and window_state is None:
-        raise ValueError(f"an adaptive window (max_window={max_window} > window={window}) needs window_state")
-    if units > 1 and blowup_ratio is not None and window_energy is None:
+    if config.units > 1 and window_state is None:
+        raise ValueError(f"an adaptive window ({config.units} units of {config.window} steps) needs window_state")
+    if config.guarded and window_energy is None:
         raise ValueError("the blow-up guard (blowup_ratio) needs window_energy")
     if window_energy is not None and tuple(window_energy.shape) != (4,):
         raise ValueError(f"window_energy must be a float64 tensor of 4 values, got shape {tuple(window_energy.shape)}")
-    if backend == "triton":
-        from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
-
-        if window_state is None:  # fixed windows keep no window state between steps
-            window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
-        if window_energy is None:
-            window_energy = torch.zeros(4, dtype=torch.float64, device=step.device)
-        if units == 1:  # the guard watches adaptive windows only
-            blowup_ratio = None
-        if params:
-            if buckets is None:
-                buckets = _buckets(params)
-            form = snapshot_form(statistic, momentum, dampening, nesterov)
-            allowed = snapshots_allowed(lr_factor)
-            snapshots = [window_representation("triton", params[idx[0]].dtype, form, allowed)
-                         == "window_start" for idx in buckets]
-            form = form or (0.0, 1.0)
-            if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
-                first = [b is None for b in momentum_buffers]
-                if momentum != 0:
-                    for i, b in enumerate(momentum_buffers):
-                        if b is None:
-                            momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
-                factor_tensor = lr_factor if isinstance(lr_factor, Tensor) else None
-                bucket_of = [0] * len(params)
-                for k, idx in enumerate(buckets):
-                    for i in idx:
-                        bucket_of[i] = k
-                triton_step_op(
-                    params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
-                    alphas, step, window, units, window_reset, window_state, blowup_ratio, window_energy, momentum,
-                    dampening, weight_decay, nesterov, maximize, bound, statistic, scope,
-                    1.0 if factor_tensor is not None else float(lr_factor), factor_tensor, grad_scale, found_inf,
-                    bucket_of, snapshots, *form,
-                )
-            else:
-                tlr_triton_step(
-                    params, grads, momentum_buffers, window_sums, prev_window_sums, alphas,
-                    step=step, window=window, units=units, window_reset=window_reset, window_state=window_state,
-                    blowup_ratio=blowup_ratio, window_energy=window_energy,
-                    momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                    nesterov=nesterov, maximize=maximize, bound=bound, statistic=statistic, scope=scope,
-                    lr_factor=lr_factor, buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
-                    snapshot_form=form, state_token=state_token,
-                )
-        advance_step(step, found_inf)  # also with no tensors: the step still counts
-        return
-    if shard_group is not None and backend != "torch":
-        raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
-    if backend != "torch":
+    impl = {"torch": _tlr_torch, "triton": _tlr_triton}.get(backend)
+    if impl is None:
         raise ValueError(f"unknown backend {backend!r}")
+    impl(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, step=step,
+         window_state=window_state, window_energy=window_energy, lr_factor=lr_factor, grad_scale=grad_scale,
+         found_inf=found_inf, shard_group=shard_group, sharded_tensors=sharded_tensors, buckets=buckets,
+         state_token=state_token, flat_windows=flat_windows)
+
+
+def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
+                window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
+                flat_windows) -> None:
+    """``tlr`` on the Triton path (``tlr_triton.kernels``): four launches, nothing read on the host."""
+    from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
+
+    if shard_group is not None:
+        raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
+    if window_state is None:  # fixed windows keep no window state between steps
+        window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
+    if window_energy is None:
+        window_energy = torch.zeros(4, dtype=torch.float64, device=step.device)
+    if params:
+        if buckets is None:
+            buckets = _buckets(params)
+        momentum = config.momentum
+        form = snapshot_form(config.statistic, momentum, config.dampening, config.nesterov)
+        allowed = snapshots_allowed(lr_factor)
+        snapshots = [window_representation("triton", params[idx[0]].dtype, form, allowed)
+                     == "window_start" for idx in buckets]
+        form = form or (0.0, 1.0)
+        if torch.compiler.is_compiling():  # one opaque custom op for the traced graph
+            first = [b is None for b in momentum_buffers]
+            if momentum != 0:
+                for i, b in enumerate(momentum_buffers):
+                    if b is None:
+                        momentum_buffers[i] = torch.zeros_like(prev_window_sums[i])
+            factor_tensor = lr_factor if isinstance(lr_factor, Tensor) else None
+            bucket_of = [0] * len(params)
+            for k, idx in enumerate(buckets):
+                for i in idx:
+                    bucket_of[i] = k
+            c = config  # a custom op's schema takes plain values only
+            triton_step_op(
+                params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
+                alphas, step, c.window, c.units, c.window_reset, window_state, c.blowup_ratio, window_energy,
+                momentum, c.dampening, c.weight_decay, c.nesterov, c.maximize, c.bound, c.statistic, c.scope,
+                1.0 if factor_tensor is not None else float(lr_factor), factor_tensor, grad_scale, found_inf,
+                bucket_of, snapshots, *form,
+            )
+        else:
+            tlr_triton_step(
+                params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config,
+                step=step, window_state=window_state, window_energy=window_energy, lr_factor=lr_factor,
+                buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
+                snapshot_form=form, state_token=state_token,
+            )
+    advance_step(step, found_inf)  # also with no tensors: the step still counts
+
+
+def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
+               window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
+               flat_windows) -> None:
+    """``tlr`` on the PyTorch path (any device): torch's fused SGD kernel where it applies, its
+    foreach ops elsewhere; on the CPU the window's decisions are read on the host."""
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are honoured by the Triton path only")
     if not params and shard_group is None:
         return
+    momentum, dampening, weight_decay, nesterov, maximize = (config.momentum, config.dampening, config.weight_decay,
+                                                             config.nesterov, config.maximize)
+    scope, bound, window, units = config.scope, config.bound, config.window, config.units
     # Fixed windows: this step closes one. Adaptive: it ends a unit, and the window's state decides.
     closes_window = (step + 1) % window == 0
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     sign = -1.0 if maximize else 1.0
-    sums_u = statistic == "gradient" or momentum == 0  # A sums u, known before momentum
+    sums_u = config.statistic == "gradient" or momentum == 0  # A sums u, known before momentum
     movers = []  # weight updates, run after α has been updated
 
     if buckets is None:
@@ -544,11 +577,9 @@ def tlr(
 
     before, after = [], []  # window work that must come before the move (α) and after it
     if closes_window:
-        guarded = units > 1 and blowup_ratio is not None
-
         def statistics():
             return _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state,
-                                      sharded_tensors, params if guarded else None)
+                                      sharded_tensors, params if config.guarded else None)
 
         # On the CPU, one α and no collective: the window's scalars are read and computed on
         # the host (free there), a few tensor operations instead of some seventy small ones.
@@ -560,12 +591,12 @@ def tlr(
                 (lambda: _square_total(window_sums)) if flats is None else (lambda: _flat_square(flats[0])))
             if host:
                 before, after = _host_unit_end(squares, window_sums, prev_window_sums, alphas[0], bound, window_state,
-                                               units, window_reset, blowup_ratio, window_energy, params, window,
-                                               weight_decay if sums_u else 0.0, flats)
+                                               units, config.window_reset, config.blowup_ratio, window_energy, params,
+                                               window, weight_decay if sums_u else 0.0, flats)
             else:
                 before, after = _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound,
-                                                   window_state, units, window_reset, blowup_ratio, window_energy,
-                                                   window, weight_decay if sums_u else 0.0)
+                                                   window_state, units, config.window_reset, config.blowup_ratio,
+                                                   window_energy, window, weight_decay if sums_u else 0.0)
         elif host:
             _host_close(window_sums, prev_window_sums, alphas[0], bound, _host_totals(window_sums, prev_window_sums, flats),
                         flats=flats)

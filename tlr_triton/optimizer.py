@@ -278,6 +278,16 @@ def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tens
 _POSITION_FORM = (0.0, 1.0)  # a snapshot saved before "window_start_form" existed: the weights themselves
 
 
+def _step_config(hyper: dict[str, Any]) -> functional.StepConfig:
+    """The ``StepConfig`` of a group's validated hyper-parameters (``_hyperparameters``)."""
+    w0, units = window_schedule(hyper["window"], hyper["max_window"])
+    return functional.StepConfig(
+        momentum=hyper["momentum"], dampening=hyper["dampening"], weight_decay=hyper["weight_decay"],
+        nesterov=hyper["nesterov"], maximize=hyper["maximize"], bound=hyper["bound"], statistic=hyper["statistic"],
+        scope=hyper["scope"], window=w0, units=units, window_reset=hyper["window_reset"],
+        blowup_ratio=hyper["blowup_ratio"])
+
+
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
     keys = ("momentum", "dampening", "weight_decay", "nesterov", "bound", "window", "max_window", "window_reset",
             "blowup_ratio", "scope", "statistic", "maximize", "backend")
@@ -549,7 +559,7 @@ class TLR(Optimizer):
         # optimizer inside a compiled frame.
         self._shard_group = shard_group
         self._shard_group_lost = False
-        self._validated: dict[int, tuple] = {}  # id(group) → the hyper-parameters last validated
+        self._validated: dict[int, tuple] = {}  # id(group) → (the hyper-parameters last validated, their StepConfig)
         self._plans: dict[int, _StepPlan] = {}  # id(group) → the lists its last step gathered
         self._steps = 0  # step() calls that returned
         self._state_seen = None  # (state, its keys, its values) when the last step() returned
@@ -744,9 +754,10 @@ class TLR(Optimizer):
                 raise ValueError(f"Invalid α in group {index}: {bad} (α must stay > 0 and a normal float32)")
         hyper = _hyperparameters(group)
         signature = tuple(hyper.values())
-        if self._validated.get(id(group)) != signature:
+        validated = self._validated.get(id(group))
+        if validated is None or validated[0] != signature:
             check_hyperparameters(**hyper)
-            self._validated[id(group)] = signature
+            validated = self._validated[id(group)] = (signature, _step_config(hyper))
         params = group["params"]
         if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
             grads = [p.grad for p in params]
@@ -776,7 +787,7 @@ class TLR(Optimizer):
             )
         for device in devices:
             _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
-        return factor, first, dtensor, grads, present, plan
+        return factor, first, dtensor, grads, present, plan, validated[1]
 
     def _group_tensors(self, group, backend, device) -> Tensor:
         """Put the group's α, step counter and window state where this step runs; returns α."""
@@ -875,8 +886,8 @@ class TLR(Optimizer):
                            and all(map(operator.is_, state, seen[1])) and all(map(operator.is_, state.values(), seen[2])))
         self._state_seen = None  # an exception below leaves no stale record
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, (group, (factor, device, dtensor, grads_all, present, plan)) in enumerate(zip(self.param_groups,
-                                                                                                   checked)):
+        for index, (group, (factor, device, dtensor, grads_all, present, plan, config)) in enumerate(
+                zip(self.param_groups, checked)):
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
             mesh_group = _dtensor_group(group, index) if dtensor else None
             if mesh_group is not None and self._shard_group is not None:
@@ -897,7 +908,6 @@ class TLR(Optimizer):
                 else:
                     group["step"] += 1
                 continue
-            w0, units = window_schedule(group["window"], group["max_window"])
             snapshots = functional.snapshots_allowed(factor)
             if isinstance(factor, Tensor):
                 factor = factor.to(device=device, dtype=torch.float32)
@@ -938,21 +948,10 @@ class TLR(Optimizer):
                 sums,
                 prev_sums,
                 alphas,
+                config,
                 step=group["step"],
-                window=w0,
-                max_window=w0 * units,
-                window_reset=group["window_reset"],
                 window_state=group["window_state"],
-                blowup_ratio=group["blowup_ratio"],
                 window_energy=group["window_energy"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                bound=group["bound"],
-                statistic=group["statistic"],
-                scope=group["scope"],
                 lr_factor=factor,
                 backend=backend,
                 grad_scale=grad_scale if backend == "triton" else None,
