@@ -270,9 +270,12 @@ def tlr_triton_step(
         alpha_ptrs = [alphas[0].data_ptr()]
 
     def build_group():
-        part = torch.zeros(5, max(total, 1), dtype=torch.float64, device=device)  # ⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩
+        width = max(total, 1)
+        # one float64 allocation: the partials [5, width] (⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩), then the
+        # guard's caps (α's factor, α's ceiling)
+        floats = torch.zeros(5 * width + 2, dtype=torch.float64, device=device)
+        part, cut = floats[:5 * width].view(5, width), floats[5 * width:]
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
-        cut = torch.zeros(2, dtype=torch.float64, device=device)  # and the guard's caps: α's factor, α's ceiling
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
     # The group's tables depend on its buckets' alone (their layouts and α addresses, in order).

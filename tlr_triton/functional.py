@@ -464,12 +464,23 @@ def tlr(
          state_token=state_token, flat_windows=flat_windows)
 
 
+_LAUNCH = []
+
+
+def _kernels_launch():
+    """``tlr_triton.kernels.launch``, imported on the first Triton step (it imports triton)."""
+    if not _LAUNCH:
+        from tlr_triton.kernels import launch
+
+        _LAUNCH.append(launch)
+    return _LAUNCH[0]
+
+
 def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
                 window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
                 flat_windows) -> None:
     """``tlr`` on the Triton path (``tlr_triton.kernels``): four launches, nothing read on the host."""
-    from tlr_triton.kernels.launch import tlr_triton_step, triton_step_op
-
+    launch = _kernels_launch()
     if shard_group is not None:
         raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
     if window_state is None:  # fixed windows keep no window state between steps
@@ -497,7 +508,7 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
                 for i in idx:
                     bucket_of[i] = k
             c = config  # a custom op's schema takes plain values only
-            triton_step_op(
+            launch.triton_step_op(
                 params, grads, momentum_buffers if momentum != 0 else [], first, window_sums, prev_window_sums,
                 alphas, step, c.window, c.units, c.window_reset, window_state, c.blowup_ratio, window_energy,
                 momentum, c.dampening, c.weight_decay, c.nesterov, c.maximize, c.bound, c.statistic, c.scope,
@@ -505,7 +516,7 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
                 bucket_of, snapshots, *form,
             )
         else:
-            tlr_triton_step(
+            launch.tlr_triton_step(
                 params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config,
                 step=step, window_state=window_state, window_energy=window_energy, lr_factor=lr_factor,
                 buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,

@@ -186,8 +186,23 @@ def _triton_ready() -> bool:
     return True
 
 
+_RESOLVED: dict[tuple[str, torch.device], str] = {}  # (backend, device) → the path, for requests that succeeded
+
+
 def _resolve_backend(backend: str, device: torch.device, index: int) -> str:
-    """The path a group on ``device`` takes: Triton for CUDA under "auto", else PyTorch."""
+    """The path a group on ``device`` takes: Triton for CUDA under "auto", else PyTorch.
+
+    Remembered once it succeeds (every step asks), except for Triton on CPU tensors, whose
+    check reads the environment (``TRITON_INTERPRET``) every time."""
+    path = _RESOLVED.get((backend, device))
+    if path is None:
+        path = _resolve_backend_now(backend, device, index)
+        if not (backend == "triton" and device.type == "cpu"):
+            _RESOLVED[(backend, device)] = path
+    return path
+
+
+def _resolve_backend_now(backend: str, device: torch.device, index: int) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
@@ -288,10 +303,13 @@ def _step_config(hyper: dict[str, Any]) -> functional.StepConfig:
         blowup_ratio=hyper["blowup_ratio"])
 
 
+_HYPER_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "bound", "window", "max_window", "window_reset",
+               "blowup_ratio", "scope", "statistic", "maximize", "backend")
+_HYPER_VALUES = operator.itemgetter(*_HYPER_KEYS)  # one C call per step: the signature compared with the last
+
+
 def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
-    keys = ("momentum", "dampening", "weight_decay", "nesterov", "bound", "window", "max_window", "window_reset",
-            "blowup_ratio", "scope", "statistic", "maximize", "backend")
-    return {k: group[k] for k in keys}
+    return {k: group[k] for k in _HYPER_KEYS}
 
 
 _PLAN_SERIALS = count()
@@ -560,6 +578,7 @@ class TLR(Optimizer):
         self._shard_group = shard_group
         self._shard_group_lost = False
         self._validated: dict[int, tuple] = {}  # id(group) → (the hyper-parameters last validated, their StepConfig)
+        self._factors: dict[int, tuple] = {}  # id(group) → (lr, initial_lr, lr / initial_lr) for numbers
         self._plans: dict[int, _StepPlan] = {}  # id(group) → the lists its last step gathered
         self._steps = 0  # step() calls that returned
         self._state_seen = None  # (state, its keys, its values) when the last step() returned
@@ -663,6 +682,7 @@ class TLR(Optimizer):
         self._shard_group = None
         self._shard_group_lost = lost
         self._validated = {}
+        self._factors = {}
         self._plans = {}
         self._steps = 0
         self._state_seen = None
@@ -738,9 +758,17 @@ class TLR(Optimizer):
         synchronisation): a tensor lr, and α set by hand (``group["alpha"].fill_(...)``),
         which must stay > 0. On a GPU they are not.
         """
-        factor = schedule_factor(group["lr"], group["initial_lr"], index)
-        if isinstance(factor, Tensor) and functional.host_reads_free(factor.device):
-            schedule_factor(float(group["lr"]), float(group["initial_lr"]), index)
+        lr, initial_lr = group["lr"], group["initial_lr"]
+        known = self._factors.get(id(group))
+        if known is not None and known[0] is lr and known[1] is initial_lr:  # numbers checked when they were set
+            factor = known[2]
+        else:
+            factor = schedule_factor(lr, initial_lr, index)
+            if isinstance(factor, Tensor):  # a tensor can change in place: computed every step
+                if functional.host_reads_free(factor.device):
+                    schedule_factor(float(lr), float(initial_lr), index)
+            else:
+                self._factors[id(group)] = (lr, initial_lr, factor)
         alpha = group["alpha"]
         if isinstance(alpha, Tensor) and functional.host_reads_free(alpha.device):
             if group["scope"] == "tensor":  # one read for them all
@@ -752,10 +780,11 @@ class TLR(Optimizer):
             if not (_ALPHA_MIN <= low and high <= _ALPHA_MAX):
                 bad = low if not _ALPHA_MIN <= low else high
                 raise ValueError(f"Invalid α in group {index}: {bad} (α must stay > 0 and a normal float32)")
-        hyper = _hyperparameters(group)
-        signature = tuple(hyper.values())
+        signature = (tuple(group[k] for k in _HYPER_KEYS) if torch.compiler.is_compiling()  # dynamo traces no itemgetter
+                     else _HYPER_VALUES(group))
         validated = self._validated.get(id(group))
         if validated is None or validated[0] != signature:
+            hyper = _hyperparameters(group)
             check_hyperparameters(**hyper)
             validated = self._validated[id(group)] = (signature, _step_config(hyper))
         params = group["params"]
