@@ -16,8 +16,8 @@ live on the CPU and every kernel is replaced by a no-op, so only the host work r
 - ``torch.optim.SGD(momentum=0.9, foreach=True)``: its ``torch._foreach_*`` ops are no-ops.
 
 Layouts: one tensor of 10M elements, GPT-2 small's 148 tensors (124M parameters), 2000
-tensors of 16k. Median of 7 rounds, µs per step; ratios to SGD fused measured in the same
-run.
+tensors of 16k. Median of 15 rounds, µs per step, the optimizers taking turns round by round;
+ratios to SGD fused measured in the same run.
 """
 
 from __future__ import annotations
@@ -93,39 +93,48 @@ def params_for(shapes):
     return ps
 
 
-def per_step(step, steps: int, rounds: int = 7, before=None) -> float:
-    """Median µs per call of ``step`` over ``rounds`` rounds of ``steps`` calls."""
-    step()  # first step: state is created
-    times = []
-    for _ in range(rounds):
+def _round(step, steps: int, before=None) -> float:
+    """µs per call of ``step`` over ``steps`` calls (``before`` runs ahead of each, untimed)."""
+    total = 0.0
+    for _ in range(steps):
+        if before is not None:
+            before()
         t = time.perf_counter()
-        for _ in range(steps):
-            if before is not None:
-                before()
-            step()
-        times.append((time.perf_counter() - t) / steps * 1e6)
-    return statistics.median(times)
+        step()
+        total += time.perf_counter() - t
+    return total / steps * 1e6
 
 
-def measure(layout: str) -> dict[str, float]:
+def measure(layout: str, rounds: int = 15) -> dict[str, float]:
+    """Median µs per step of each optimizer over ``rounds`` rounds, the optimizers taking turns
+    round by round, so that a drift of the machine (other tenants, frequency) hits them alike."""
     from tlr_triton.kernels import launch
 
     shapes = LAYOUTS[layout]()
     steps = 48 if len(shapes) < 500 else 12
-    out = {}
     with mocked_kernels() as spent:
-        sgd = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
-        out["SGD fused"] = per_step(sgd.step, steps)
-        del sgd
-        sgd = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
-        out["SGD foreach"] = per_step(sgd.step, steps)
-        del sgd
+        sgd_fused = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
+        sgd_foreach = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
         tlr = TLR(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, backend="triton")
-        tlr.step()
-        spent[0], calls = 0.0, steps * 7
-        out["TLR step()"] = per_step(tlr.step, steps)
-        out["of it the launcher"] = spent[0] / (calls + 1) * 1e6  # per_step calls step() once more first
-        out["TLR, memo miss"] = per_step(tlr.step, max(2, steps // 4), before=launch.tables.entries.clear)
+        runs = {  # name → (step, steps per round, work before each step)
+            "SGD fused": (sgd_fused.step, steps, None),
+            "SGD foreach": (sgd_foreach.step, steps, None),
+            "TLR step()": (tlr.step, steps, None),
+            "TLR, memo miss": (tlr.step, max(2, steps // 4), launch.tables.entries.clear),
+        }
+        for step, _, _ in runs.values():
+            step()
+            step()  # state created, tables built
+        times = {name: [] for name in runs}
+        launcher = []
+        for _ in range(rounds):
+            for name, (step, n, before) in runs.items():
+                spent[0] = 0.0
+                times[name].append(_round(step, n, before))
+                if name == "TLR step()":
+                    launcher.append(spent[0] / n * 1e6)
+    out = {name: statistics.median(values) for name, values in times.items()}
+    out["of it the launcher"] = statistics.median(launcher)
     return out
 
 
