@@ -3,8 +3,8 @@
 ``tlr_triton_step`` runs one TLR step for the tensors of one param group: per (device,
 dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_window_kernel`` and one
 ``tlr_alpha_kernel`` for the group, then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
-device value: the closing decision and α stay on the device (the caller advances the
-step counter, there too).
+device value: the closing decision and α stay on the device, and the window kernel
+advances the step counter, there too.
 
 Address tables are a pure function of the tensors' addresses, sizes and first-step
 flags, so they are memoised on exactly that key (with a caller's ``state_token``, on it
@@ -206,7 +206,8 @@ def tlr_triton_step(
     holds the window-start snapshot S (parameter dtype) for the buckets whose entry of
     ``snapshots`` is True (the caller's window representation), else A; ``snapshot_form``
     is its (κ, c): A = c·(S - (w - α·κ·b))/α (``functional.snapshot_form``). ``step`` is the
-    group's int64 step counter on the device, read here and advanced by the caller.
+    group's int64 step counter on the device, read and advanced (by one, or not at all on a step
+    AMP skips) by the window kernel.
     ``window_state`` is the window's int64 [units so far, k] (``functional.tlr``),
     updated here; windows are k·W0 steps, 1 <= k <= K. ``config.blowup_ratio`` (None: off)
     and ``window_energy`` (float64 [4], updated here) are the adaptive window's blow-up
@@ -360,7 +361,7 @@ class _device_guard:
 # launcher's host work, address tables and memo, stays out of the traced graph).
 @torch.library.custom_op(
     "tlr_triton::triton_step",
-    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "window_state",
+    mutates_args=("params", "momentum_buffers", "window_sums", "prev_window_sums", "alphas", "step", "window_state",
                   "window_energy"),
 )
 def triton_step_op(

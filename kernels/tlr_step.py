@@ -386,7 +386,7 @@ def tlr_window_kernel(
     part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖², α and ⟨A, w⟩
     n_part,
     n_total,          # blocks of the whole group
-    step_ptr,         # int64: the group's step counter (before this step)
+    step_ptr,         # int64: the group's step counter (before this step), advanced here
     inf_ptr,
     ws_ptr,           # int64 [2]: the window's state (units so far, k), advanced here
     we_ptr,           # float64 [4]: ‖A‖² per unit of the last two closed windows, Σ‖w‖² at the last closing,
@@ -401,7 +401,8 @@ def tlr_window_kernel(
     RBLOCK: tl.constexpr,
 ):
     """One program: the group's window decision for this step (SPEC's closing, the adaptive
-    window's next length, the blow-up guard), from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²."""
+    window's next length, the blow-up guard), from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²;
+    then the group's step counter advances."""
     unit_ends, scheduled = _schedule(step_ptr, ws_ptr, window, units)
     if HAS_INF:
         ok = tl.load(inf_ptr) == 0
@@ -449,6 +450,12 @@ def tlr_window_kernel(
     tl.store(we_ptr + 1, tl.where(closes, previous, tl.load(we_ptr + 1)))
     tl.store(we_ptr, tl.where(closes, energy, previous))
     tl.store(we_ptr + 2, tl.where(_and(closes, watched), weights, last))
+    # The step counter advances here, after the step kernels have read it (a step AMP skips does
+    # not count): no separate launch for it.
+    if HAS_INF:
+        tl.store(step_ptr, tl.load(step_ptr) + (tl.load(inf_ptr) == 0).to(tl.int64))
+    else:
+        tl.store(step_ptr, tl.load(step_ptr) + 1)
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_ALPHA)

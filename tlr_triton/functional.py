@@ -522,7 +522,8 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
                 buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
                 snapshot_form=form, state_token=state_token,
             )
-    advance_step(step, found_inf)  # also with no tensors: the step still counts
+    else:  # the window kernel advances the counter; with no tensors the step still counts
+        advance_step(step, found_inf)
 
 
 def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
