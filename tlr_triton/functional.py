@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["tlr", "StepConfig", "newton_factor", "state_dtype", "window_representation", "snapshot_form", "snapshot_to_sum",
-           "sum_to_snapshot", "snapshots_allowed", "advance_step", "host_reads_free"]
+__all__ = ["tlr", "StepConfig", "newton_factor", "state_dtype", "window_representation", "snapshot_form",
+           "snapshot_to_sum", "sum_to_snapshot", "snapshots_allowed", "advance_step", "host_reads_free"]
 
 # The blow-up guard's growth test (``tlr``'s docstring; docs/defaults.md, "Blow-up guard"):
 # at a closing whose consecutive windows disagree (⟨A, P⟩ < 0) and whose ‖A‖² per unit
@@ -400,14 +400,13 @@ def tlr(
             after a closing k becomes 1 if |r| of the group's total ⟨A, P⟩, ‖A‖² is >=
             ``config.window_reset``, else min(k + 1, K). Needed when K > 1 (the PyTorch path
             ignores it when K = 1).
-        window_energy: the adaptive window's blow-up guard (K > 1 and
-            ``config.blowup_ratio`` not None; else off): a float64 [4] tensor, ‖A‖² per unit of the last two
-            closed windows, Σ‖w‖² at the last closing and the peak α (below; the optimizer
-            starts it at the initial α, 0 holds α until a first such window), updated in
-            place. At every unit's
-            end, if ‖A‖² per unit of the window so far exceeds ``config.blowup_ratio`` times the
-            larger of the two, the window closes after this step's move (a scheduled
-            closing comes first, as always), k becomes 1 and every α's factor is at most
+        window_energy: the adaptive window's blow-up guard (K > 1 and ``config.blowup_ratio``
+            not None; else off): a float64 [4] tensor, ‖A‖² per unit of the last two closed
+            windows, Σ‖w‖² at the last closing and the peak α (below; the optimizer starts it
+            at the initial α, 0 holds α until a first such window), updated in place. At
+            every unit's end, if ‖A‖² per unit of the window so far exceeds
+            ``config.blowup_ratio`` times the larger of the two, the window closes after this
+            step's move (a scheduled closing comes first, as always), k becomes 1 and every α's factor is at most
             1/(1 + √q), q that ratio. At every closing, if ⟨A, P⟩ < 0 while Σ‖w‖² (before
             this step's move) has grown more than ``GROWTH`` times since the last closing
             and ‖A‖² per unit exceeds the last window's, every α's factor is also at most
@@ -420,9 +419,9 @@ def tlr(
         lr_factor: a learning-rate schedule's factor (``lr / initial_lr``, a float or a
             0-dim device tensor): the weights move by α · lr_factor · d; α is trained as
             without it.
-        backend: "torch" (``_tlr_torch``) or "triton" (``_tlr_triton``). On the Triton path ``window_sums`` holds, for the
-            tensors where ``window_representation`` says "window_start", the window-start
-            snapshot of ``snapshot_form`` instead of A.
+        backend: "torch" (``_tlr_torch``) or "triton" (``_tlr_triton``). On the Triton path
+            ``window_sums`` holds, for the tensors where ``window_representation`` says
+            "window_start", the window-start snapshot of ``snapshot_form`` instead of A.
         grad_scale, found_inf: AMP's tensors (Triton path only): gradients are divided
             by ``grad_scale``, and nothing changes when ``found_inf`` is nonzero.
         shard_group: a ``torch.distributed`` process group whose ranks each hold part of
