@@ -99,7 +99,9 @@ def closing_intervals(epochs: int = 5) -> list[tuple[str, float, int, float]]:
                 opt.step()
                 steps += 1
                 closings += steps % 3 == 0 and int(state[0]) == 0  # a unit ended and its window closed
-        out.append((f"{name} (MLP)" if name != "charlm" else "charlm (transformer)", lr, batch, steps / max(closings, 1)))
+        if not closings:
+            raise RuntimeError(f"no window closed in {steps} steps of {name}")
+        out.append((f"{name} (MLP)" if name != "charlm" else "charlm (transformer)", lr, batch, steps / closings))
     return out
 
 

@@ -272,10 +272,11 @@ def tlr_triton_step(
 
     def build_group():
         width = max(total, 1)
-        # one float64 allocation: the partials [5, width] (⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩), then the
-        # guard's caps (α's factor, α's ceiling)
-        floats = torch.zeros(5 * width + 2, dtype=torch.float64, device=device)
-        part, cut = floats[:5 * width].view(5, width), floats[5 * width:]
+        # one float64 allocation: the guard's caps (α's factor, α's ceiling), then the partials
+        # [5, width] (⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩); both 16-byte aligned whatever the width, so
+        # that the kernels taking them compile one specialization, not one per parity
+        floats = torch.zeros(2 + 5 * width, dtype=torch.float64, device=device)
+        cut, part = floats[:2], floats[2:].view(5, width)
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 

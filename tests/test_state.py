@@ -378,3 +378,13 @@ def test_gradients_that_come_and_go_do_not_copy_the_flat_window_buffers():
         set_grads([params], t, skip=(2,) if t % 2 else ())
         opt.step()
         assert storages() == first, t
+
+
+def test_load_state_dict_keeps_the_shard_group():
+    """torch's load_state_dict ends in __setstate__, which a copy uses to forget the process
+    group; loading a checkpoint into a sharded optimizer must keep summing over its group."""
+    group = object()  # stands for a process group: never used by a step here
+    p = torch.randn(3, requires_grad=True)
+    opt = TLR([p], shard_group=group)
+    opt.load_state_dict(opt.state_dict())
+    assert opt.shard_group is group

@@ -402,7 +402,7 @@ def test_custom_op_passes_opcheck():
     grads = [torch.randn_like(p) for p in live]
     state = [[torch.zeros_like(p) for p in live] for _ in range(3)]
     args = (live, grads, state[0], [True] * len(live), state[1], state[2], [torch.tensor(0.05)],
-            torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 16.0, torch.zeros(3, dtype=torch.float64),
+            torch.zeros((), dtype=torch.int64), 2, 4, 0.1, torch.tensor([1, 3]), 16.0, torch.zeros(4, dtype=torch.float64),
             0.9, 0.0, 0.0, False, False, 0.25, "gradient", "group", 1.0, None, None, None, [0] * len(live), [False],
             0.0, 1.0)
     result = torch.library.opcheck(triton_step_op, args)

@@ -346,7 +346,7 @@ class StepConfig:
     bound: float
     statistic: str  # "gradient": A sums u = s·g + λ·w; "direction": A sums the step's direction d
     scope: str      # "group": one α for the group; "tensor": one α per tensor
-    window: int = 1
+    window: int
     units: int = 1
     window_reset: float = 0.05
     blowup_ratio: float | None = None
@@ -479,9 +479,9 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
                 window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
                 flat_windows) -> None:
     """``tlr`` on the Triton path (``tlr_triton.kernels``): four launches, nothing read on the host."""
-    launch = _kernels_launch()
     if shard_group is not None:
         raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
+    launch = _kernels_launch()
     if window_state is None:  # fixed windows keep no window state between steps
         window_state = torch.tensor([0, 1], dtype=torch.int64, device=step.device)
     if window_energy is None:

@@ -727,7 +727,11 @@ class TLR(Optimizer):
             kept[key] = {k: entry.pop(k) for k in _STATE_KEYS if isinstance(entry.get(k), Tensor)}
             state[key] = entry
         state_dict["state"] = state
+        # torch's loader ends in __setstate__, which forgets the process group (a copy cannot
+        # hold one): this optimizer keeps its own
+        shard_group, lost = self._shard_group, self._shard_group_lost
         super().load_state_dict(state_dict)
+        self._shard_group, self._shard_group_lost = shard_group, lost
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
