@@ -601,13 +601,11 @@ def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, a
             squares = None if shard_group is not None else (
                 (lambda: _square_total(window_sums)) if flats is None else (lambda: _flat_square(flats[0])))
             if host:
-                before, after = _host_unit_end(squares, window_sums, prev_window_sums, alphas[0], bound, window_state,
-                                               units, config.window_reset, config.blowup_ratio, window_energy, params,
-                                               window, weight_decay if sums_u else 0.0, flats)
+                before, after = _host_unit_end(config, squares, window_sums, prev_window_sums, alphas[0], window_state,
+                                               window_energy, params, weight_decay if sums_u else 0.0, flats)
             else:
-                before, after = _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound,
-                                                   window_state, units, config.window_reset, config.blowup_ratio,
-                                                   window_energy, window, weight_decay if sums_u else 0.0)
+                before, after = _adaptive_unit_end(config, statistics, squares, window_sums, prev_window_sums,
+                                                   window_state, window_energy, weight_decay if sums_u else 0.0)
         elif host:
             _host_close(window_sums, prev_window_sums, alphas[0], bound, _host_totals(window_sums, prev_window_sums, flats),
                         flats=flats)
@@ -810,10 +808,12 @@ def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
     return done, k, energies
 
 
-def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_state, units, window_reset,
-                   blowup_ratio, window_energy, params, window, weight_decay, flats=None):
+def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window_state, window_energy, params,
+                   weight_decay, flats=None):
     """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
     (the reference's), in float64 instead of the window sums' dtype."""
+    bound, units, window, window_reset, blowup_ratio = (config.bound, config.units, config.window,
+                                                        config.window_reset, config.blowup_ratio)
     unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy)
     if unit is None:
         return [], []
@@ -854,8 +854,8 @@ def _host_unit_end(squares, window_sums, prev_window_sums, alpha, bound, window_
     return ([close], []) if done >= k else ([], [close])
 
 
-def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound, window_state, units, window_reset,
-                       blowup_ratio, window_energy, window, weight_decay):
+def _adaptive_unit_end(config, statistics, squares, window_sums, prev_window_sums, window_state, window_energy,
+                       weight_decay):
     """The end of a unit of an adaptive window: (work before the move, work after it).
 
     The window closes when its units reach k (scheduled: α is updated before this step's
@@ -863,8 +863,11 @@ def _adaptive_unit_end(statistics, squares, window_sums, prev_window_sums, bound
     close takes effect from the next step). On the CPU the decision is read on the host
     (free): a unit that closes nothing costs one ‖A‖² (``squares()``, when given), and only
     a closing computes ``statistics()``. Elsewhere every update is masked on the device,
-    so no step reads a device value.
+    so no step reads a device value. ``weight_decay``: the λ the guard's decay test sees
+    (0 where A sums momentum directions).
     """
+    bound, units, window, window_reset, blowup_ratio = (config.bound, config.units, config.window,
+                                                        config.window_reset, config.blowup_ratio)
     if host_reads_free(window_state.device) and squares is not None:
         if _host_unit(squares, window_state, units, blowup_ratio, window_energy) is None:
             return [], []
