@@ -168,10 +168,27 @@ def gpt2_small_shapes():
     return shapes + [(d,), (d,)]
 
 
-# fp32 bytes per parameter and step with momentum, from the kernels (README, "Memory
-# traffic"): fused SGD; TLR's ordinary and closing steps for each window representation.
-BYTES = {"sgd": 20, ("gradient", "ordinary"): 28, ("gradient", "closing"): 48,
-         ("direction", "ordinary"): 20, ("direction", "closing"): 48}
+# fp32 bytes per parameter and step with momentum, from the kernels (docs/triton.md, "Memory
+# traffic"): fused SGD; TLR's ordinary step, a unit end the blow-up guard watches, a closing.
+BYTES = {"sgd": 20, "ordinary": 20, "unit end": 28, "closing": 44}
+
+
+def window_bytes(steps: int, unit: int = 3) -> float:
+    """Average bytes per parameter and step over one window of ``steps`` steps whose units
+    of ``unit`` steps each end with the guard's reads (the last one is the closing)."""
+    units = steps // unit
+    return (BYTES["ordinary"] * (steps - units) + BYTES["unit end"] * (units - 1) + BYTES["closing"]) / steps
+
+
+def held(opt: TLR, units: int) -> TLR:
+    """The default adaptive window held at ``units`` 3-step units (as bench/step_cost.py):
+    window_reset 0 sends k back to 1 at every closing, 1e30 lets it grow to its cap and stay."""
+    for group in opt.param_groups:
+        group["window_reset"] = 0.0 if units == 1 else 1e30
+        if units > 1:
+            group["max_window"] = 3 * units
+            group["window_state"] = torch.tensor([0, units])
+    return opt
 
 
 def speed_table(device):
@@ -192,18 +209,19 @@ def speed_table(device):
         foreach = torch.optim.SGD(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=True)
         rows.append(("SGD foreach", "", time_ms(foreach.step, 20), BYTES["sgd"]))
         for statistic in ("gradient", "direction"):
-            for window in (1, 100):
+            for window in (1, 100):  # fixed windows: every step closes, or almost none
                 opt = TLR(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=window,
                           statistic=statistic, backend="triton")
                 ms = time_ms(opt.step, 100 if window == 100 else 20)  # whole windows: amortized
-                per = (BYTES[statistic, "ordinary"] * (window - 1) + BYTES[statistic, "closing"]) / window
-                rows.append((f"TLR {statistic}", window, ms, per))
+                rows.append((f"TLR {statistic}", window, ms, window_bytes(window, window)))
                 del opt
-        # the default: the adaptive window (noise-like gradients let it grow to 48 steps)
-        opt = TLR(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton")
-        ms = time_ms(opt.step, 96)
-        rows.append(("TLR default", "auto", ms, (BYTES["gradient", "ordinary"] * 47 + BYTES["gradient", "closing"]) / 48 + 4 / 3))
-        del opt
+        # the default, its adaptive window held at 3, 6 and 48 steps (real runs close every
+        # 3.8-7.7 steps: bench/results/window_closings.md), every unit end watched by the guard
+        for units in (1, 2, 16):
+            opt = held(TLR(params, lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton"), units)
+            ms = time_ms(opt.step, 96)
+            rows.append(("TLR default", f"auto, {3 * units} steps", ms, window_bytes(3 * units)))
+            del opt
         for name, window, ms, per in rows:
             gbs = per * n / ms / 1e6
             print(f"| {layout} | {name} | {window} | {ms:.3f} | {ms / fused_ms:.2f}x | {gbs:.0f} | {100 * gbs / peak:.0f}% |", flush=True)

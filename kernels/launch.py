@@ -34,7 +34,8 @@ TABLE_ROWS = K.TABLE_ROWS
 
 BLOCK = 1024   # elements per program of the step and move kernels (half that for fp64 weights: see block_size)
 NUM_WARPS = 8  # 4 elements per thread (Triton's default, 4 warps, gave 8 and spilled on sm_90 with Triton 3.6)
-RBLOCK = 128   # partials per iteration of the α kernel
+RBLOCK = 2048  # partials per iteration of the window and α kernels' reductions
+R_WARPS = 16   # warps of the window and α kernels (one program reduces every partial of the group)
 _CACHE_SIZE = 64
 
 _TORCH_TO_TRITON = {}
@@ -310,10 +311,10 @@ def tlr_triton_step(
             part, part.shape[1], total, step, found_inf if found_inf is not None else dummy, window_state,
             window_energy if window_energy is not None else torch.zeros(4, dtype=torch.float64, device=device),
             flag, cut, window, units, hyper,
-            HAS_INF=found_inf is not None, RBLOCK=RBLOCK,
+            HAS_INF=found_inf is not None, RBLOCK=RBLOCK, num_warps=R_WARPS,
         )
         K.tlr_alpha_kernel[(scopes.shape[1],)](
-            scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, RBLOCK=RBLOCK,
+            scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, RBLOCK=RBLOCK, num_warps=R_WARPS,
         )
         for idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset in launches:
             K.tlr_move_kernel[(move_programs(device, n_blocks),)](

@@ -10,8 +10,9 @@ the group's step counter and window state (units of W0 steps so far, length k):
    closes as scheduled it instead writes this block's partial ⟨A, P⟩ and ‖A‖², moves A
    into P and leaves the weights for launch 4; at the other ends of units of an adaptive
    window watched by the blow-up guard it writes the partials and moves the weights.
-   Every step it writes the block's ‖w‖² before the move (the guard's growth test), the
-   α it moves with (the guard's ``MOVE_FLOOR`` weighs ‖A‖² by α²) and ⟨A, w⟩ (its decay test).
+   With the partials go the block's ‖w‖² before the move (the guard's growth test) and
+   ⟨A, w⟩ (its decay test); every step it writes the α it moves with (the guard's
+   ``MOVE_FLOOR`` weighs ‖A‖² by α²). Every load is issued before the first store.
 2. ``tlr_window_kernel``, one program: from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²
    (summed in a fixed order: no atomics, bit-identical runs) it decides whether the window
    closes (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next
@@ -238,48 +239,60 @@ def tlr_step_kernel(
     # ⟨A, P⟩ and ‖A‖² are needed where the window closes as scheduled, and at every unit's
     # end when the blow-up guard watches the window (the window kernel then decides).
     watched = _and(units > 1, tl.load(hyp_ptr + H_BLOWUP) > 0)
-    counts = _and(live, _and(unit_ends, _or(closing, watched)))
+    needed = _and(unit_ends, _or(closing, watched))
+    counts = _and(live, needed)
     closes = _and(live, closing)
     moves = _and(live, closing == 0)
 
+    # Every load comes before the first store, and no load's mask waits on another load's
+    # value: the compiler keeps loads behind stores (the tables' addresses may alias), so a
+    # store in between, or a mask that needs α, costs the block one more trip to memory;
+    # at a closing that made the step kernel 5.8x an ordinary one on an H200 (measured).
     p_ptr, w, g = _weights_and_grads(tab_ptr, n_tensors, t, start, lanes, live, scale_ptr, PARAM_DTYPE, STATE_DTYPE, HAS_SCALE,
                                      ALIGN)
-    # This block's ‖w‖² before the move (0 off `live`), for the blow-up guard's growth test;
-    # reduced here, first, while few values are live (later, it spilled for fp64 weights), and
-    # in fp32 whatever the weights: the test compares it with twice its last value.
-    w32 = w.to(tl.float32)
-    tl.store(part_ptr + 2 * n_part + part_offset + pid, tl.sum(w32 * w32, axis=0).to(tl.float64))
     alpha_ptr = _row(tab_ptr, ALPHA, n_tensors, t).to(tl.pointer_type(tl.float32))
-
+    alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
     b = tl.zeros([BLOCK], dtype=STATE_DTYPE)
     first = 0
     if HAS_MOMENTUM:
         b_ptr = _at(tab_ptr, MOMENTUM, n_tensors, t, start, STATE_DTYPE, ALIGN)
         b = tl.load(b_ptr + lanes, mask=live, other=0.0)
         first = _row(tab_ptr, FIRST, n_tensors, t)
+    pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE, ALIGN)
+    prev = tl.load(pv_ptr + lanes, mask=counts, other=0.0)
+    if SNAPSHOT:
+        # α set by hand since the last step (AlphaRestart, fill_): the snapshot holds the α this
+        # block last moved with (row 3 of the partials, kept from step to step; 0: unknown), so A
+        # is recovered with that one and the snapshot retaken with the new α below.
+        moved_with = tl.load(part_ptr + 3 * n_part + part_offset + pid).to(STATE_DTYPE)
+        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
+        s = tl.load(s_ptr + lanes, mask=counts, other=0.0).to(STATE_DTYPE)
+        rebase = _and(moved_with > 0, moved_with != alpha)
+        if rebase:  # rare: the whole snapshot is needed
+            s = tl.load(s_ptr + lanes, mask=live, other=0.0).to(STATE_DTYPE)
+    else:
+        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
+        a_old = tl.load(a_ptr + lanes, mask=live, other=0.0)
+
     u, b, d = _direction(w, g, b, first, hyp_ptr, STATE_DTYPE, HAS_MOMENTUM, NESTEROV)
+    step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
+    if SNAPSHOT:
+        snap_c = _hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE)
+        if HAS_MOMENTUM and NESTEROV and not SUM_DIRECTION:
+            mu_u = _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * u
     if HAS_MOMENTUM:
         tl.store(b_ptr + lanes, b, mask=live)
 
-    alpha = tl.load(alpha_ptr).to(STATE_DTYPE)
     if SNAPSHOT:
         # A so far, recovered from the window's snapshot, plus this step's term:
         # c·(S - z)/α with z = w - α·κ·b_old is c·(S - w)/α + c·κ·b_old, and c·κ·b_old + u is
         # the new buffer μ·b_old + u with heavy ball, μ·b + (1 - μ)·u with nesterov (b new),
         # so the old buffer need not stay live (it made the kernel spill).
-        # α set by hand since the last step (AlphaRestart, fill_): the snapshot holds the α this
-        # block last moved with (row 3 of the partials, kept from step to step; 0: unknown), so A
-        # is recovered with that one and the snapshot retaken with the new α below.
-        moved_with = tl.load(part_ptr + 3 * n_part + part_offset + pid).to(STATE_DTYPE)
-        rebase = _and(moved_with > 0, moved_with != alpha)
-        s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
-        s = tl.load(s_ptr + lanes, mask=_or(counts, _and(live, rebase)), other=0.0).to(STATE_DTYPE)
-        snap_c = _hyper(hyp_ptr, H_SNAP_C, STATE_DTYPE)
         a = (snap_c / tl.where(rebase, moved_with, alpha)) * (s - w)
         if SUM_DIRECTION:
             a += d
         elif HAS_MOMENTUM and NESTEROV:
-            a += d - _hyper(hyp_ptr, H_MOMENTUM, STATE_DTYPE) * u
+            a += d - mu_u
         elif HAS_MOMENTUM:
             a += b
         else:
@@ -290,26 +303,29 @@ def tlr_step_kernel(
                 s -= (alpha * _hyper(hyp_ptr, H_KAPPA, STATE_DTYPE)) * b
             tl.store(s_ptr + lanes, s.to(PARAM_DTYPE), mask=moves)
     else:
-        a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
         if SUM_DIRECTION:
-            a = tl.load(a_ptr + lanes, mask=live, other=0.0) + d
+            a = a_old + d
         else:
-            a = tl.load(a_ptr + lanes, mask=live, other=0.0) + u
+            a = a_old + u
         tl.store(a_ptr + lanes, tl.where(closing, 0.0, a), mask=live)  # closing: A restarts at 0
 
-    # This block's share of ⟨A, P⟩ and ‖A‖² (zeros where not counted); a scheduled closing: P ← A.
-    pv_ptr = _at(tab_ptr, PREV, n_tensors, t, start, STATE_DTYPE, ALIGN)
-    prev = tl.load(pv_ptr + lanes, mask=counts, other=0.0)
-    a = tl.where(counts, a, 0.0)
-    tl.store(pv_ptr + lanes, a, mask=closes)
-    tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
-    tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
-    # ⟨A, w⟩ for the guard's decay test, from the weights before the move (stored below), as ‖w‖²;
-    # the test reads A as u's sum (λ·Σw its decay part), so a sum of momentum directions gives 0: no test
-    if SUM_DIRECTION and HAS_MOMENTUM:
-        aw = tl.zeros([], dtype=tl.float64)
-    else:
-        aw = tl.sum(a * w, axis=0).to(tl.float64)
+    # A unit's end that the window kernel reads (it reads nothing else): this block's share of
+    # ⟨A, P⟩ and ‖A‖² (zeros where not counted), its ‖w‖² and ⟨A, w⟩ before the move (the blow-up
+    # guard's growth and decay tests); a scheduled closing: P ← A. Other steps skip the reductions.
+    if needed:
+        a = tl.where(counts, a, 0.0)
+        tl.store(pv_ptr + lanes, a, mask=closes)
+        tl.store(part_ptr + part_offset + pid, tl.sum(a * prev, axis=0).to(tl.float64))
+        tl.store(part_ptr + n_part + part_offset + pid, tl.sum(a * a, axis=0).to(tl.float64))
+        # in fp32 whatever the weights: the growth test compares it with twice its last value
+        w32 = w.to(tl.float32)
+        tl.store(part_ptr + 2 * n_part + part_offset + pid, tl.sum(w32 * w32, axis=0).to(tl.float64))
+        # the decay test reads A as u's sum (λ·Σw its decay part), so a sum of momentum directions gives 0: no test
+        if SUM_DIRECTION and HAS_MOMENTUM:
+            aw = tl.zeros([], dtype=tl.float64)
+        else:
+            aw = tl.sum(a * w, axis=0).to(tl.float64)
+        tl.store(part_ptr + 4 * n_part + part_offset + pid, aw)
     # The α this block moves with: the window kernel's Σ α²·‖A‖² (the guard's MOVE_FLOOR test) and,
     # at a late close with a snapshot, the move kernel's (α has changed by then); the next step's
     # check above (with a snapshot, not on a step AMP skips: nothing moved). Not α²·‖A‖²
@@ -320,9 +336,7 @@ def tlr_step_kernel(
         tl.store(part_ptr + 3 * n_part + part_offset + pid, alpha.to(tl.float64))
 
     # Ordinary step: move now with the current α.
-    step_size = alpha * _hyper(hyp_ptr, H_LR_FACTOR, STATE_DTYPE)
     tl.store(p_ptr + lanes, _to_param(w - step_size * d, PARAM_DTYPE), mask=moves)
-    tl.store(part_ptr + 4 * n_part + part_offset + pid, aw)
 
 
 @triton.jit
@@ -353,9 +367,13 @@ def _reduce(part_ptr, n_part, start, end, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _guard_totals(part_ptr, n_part, end, RBLOCK: tl.constexpr):
-    """The blow-up guard's totals over blocks [0, end), in a fixed order: Σ ‖w‖² (row 2),
-    Σ α²·‖A‖² (rows 3 and 1), Σ⟨A, w⟩ (row 4) and the largest α (row 3)."""
+def _totals(part_ptr, n_part, end, guard_end, RBLOCK: tl.constexpr):
+    """The window kernel's sums over blocks [0, end), in a fixed order, in one pass over the
+    partials (one trip to memory per RBLOCK blocks): ⟨A, P⟩ (row 0), ‖A‖² (row 1) and, over
+    blocks [0, guard_end), the blow-up guard's Σ ‖w‖² (row 2), Σ α²·‖A‖² (rows 3 and 1),
+    Σ⟨A, w⟩ (row 4) and the largest α (row 3)."""
+    dot = tl.zeros([RBLOCK], dtype=tl.float64)
+    sq = tl.zeros([RBLOCK], dtype=tl.float64)
     weights = tl.zeros([RBLOCK], dtype=tl.float64)
     moved = tl.zeros([RBLOCK], dtype=tl.float64)
     along = tl.zeros([RBLOCK], dtype=tl.float64)
@@ -364,13 +382,18 @@ def _guard_totals(part_ptr, n_part, end, RBLOCK: tl.constexpr):
     while i < end:
         idx = i + tl.arange(0, RBLOCK).to(tl.int64)
         m = idx < end
-        weights += tl.load(part_ptr + 2 * n_part + idx, mask=m, other=0.0)
-        alpha = tl.load(part_ptr + 3 * n_part + idx, mask=m, other=0.0)
-        moved += alpha * alpha * tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
-        along += tl.load(part_ptr + 4 * n_part + idx, mask=m, other=0.0)
+        g = idx < guard_end
+        dot += tl.load(part_ptr + idx, mask=m, other=0.0)
+        a2 = tl.load(part_ptr + n_part + idx, mask=m, other=0.0)
+        sq += a2
+        weights += tl.load(part_ptr + 2 * n_part + idx, mask=g, other=0.0)
+        alpha = tl.load(part_ptr + 3 * n_part + idx, mask=g, other=0.0)
+        moved += alpha * alpha * a2
+        along += tl.load(part_ptr + 4 * n_part + idx, mask=g, other=0.0)
         top = tl.maximum(top, alpha)
         i += RBLOCK
-    return tl.sum(weights, axis=0), tl.sum(moved, axis=0), tl.sum(along, axis=0), tl.max(top.to(tl.float32), axis=0)
+    return (tl.sum(dot, axis=0), tl.sum(sq, axis=0), tl.sum(weights, axis=0), tl.sum(moved, axis=0),
+            tl.sum(along, axis=0), tl.max(top.to(tl.float32), axis=0))
 
 
 @triton.jit
@@ -412,8 +435,7 @@ def tlr_window_kernel(
     watched = _and(units > 1, ratio > 0)
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
     end = tl.where(needed, n_total, 0)
-    dot, sq = _reduce(part_ptr, n_part, 0, end, RBLOCK)
-    weights, moved, along, top = _guard_totals(part_ptr, n_part, tl.where(watched, end, 0), RBLOCK)
+    dot, sq, weights, moved, along, top = _totals(part_ptr, n_part, end, tl.where(watched, end, 0), RBLOCK)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
