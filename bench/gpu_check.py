@@ -4,17 +4,23 @@
     python bench/gpu_check.py --dry      # anywhere: the correctness checks through Triton's
                                          # interpreter on the CPU, small sizes (keeps this script honest)
 
+Run it from a checkout whose package is installed (``pip install -e .``, as scripts/setup.sh
+does): ``kernels/`` becomes ``tlr_triton.kernels`` only through the install.
+
 1. Correctness against the float64 reference (fp32 and bf16 weights; several settings).
 2. No host synchronisation: ``torch.cuda.set_sync_debug_mode("error")`` around step(), on
    the Triton and the PyTorch path, fixed and adaptive windows (a gradient jump trips the
    blow-up guard).
 3. CUDA-graph capture of step() (closing steps, and the guard's early close, included)
    replayed against eager steps, window 2 and the default.
-4. Speed against torch.optim.SGD(fused=True) and (foreach=True), same momentum and
+4. Training: an MLP on scikit-learn's digits at the defaults, the Triton path beside the
+   PyTorch path on the same batches (600 steps; 60 in --dry): both train, α side by side.
+5. Speed against torch.optim.SGD(fused=True) and (foreach=True), same momentum and
    weight decay: one tensor of 256M elements, 2000 tensors of 16k, GPT-2-small's
-   parameter list (124M); windows 1 and 100 and the default; ms/step, ratio to fused SGD, GB/s and % of
+   parameter list (124M); fixed windows of 1 and 100 steps, and the default with its
+   adaptive window held at 3, 6 and 48 steps; ms/step, ratio to fused SGD, GB/s and % of
    the measured device-to-device copy bandwidth. Bytes per parameter come from the
-   kernels (README, "Memory traffic").
+   kernels (docs/triton.md, "Memory traffic").
 """
 
 from __future__ import annotations
@@ -137,6 +143,42 @@ def check_cuda_graph(device, **window):
           f"α {float(eager.param_groups[0]['alpha']):.5f})")
 
 
+def check_training(device, steps):
+    """An MLP trained on scikit-learn's digits at TLR's defaults (adaptive window, blow-up guard),
+    once with the Triton path and once with the PyTorch path on the same device and batches:
+    both must train, and their α trajectories are reported side by side (float32 sums in
+    different orders: the paths agree closely, not bitwise)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / (x.std(0) + 1e-6), dtype=torch.float32, device=device)
+    y = torch.tensor(y, device=device)
+    runs = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(device)
+        opt = TLR(model.parameters(), lr=0.05, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        losses, alphas = [], []
+        for _ in range(steps):
+            idx = torch.randint(0, len(y), (32,), generator=g).to(device)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+            alphas.append(opt.param_groups[0]["alpha"].detach().clone())
+        full = torch.nn.functional.cross_entropy(model(x), y).item()
+        runs[backend] = (full, torch.stack(alphas).double().cpu(), torch.stack(losses).cpu())
+    (tf, ta, tl_), (pf, pa, pl) = runs["triton"], runs["torch"]
+    gap = ((ta - pa).abs() / pa.abs()).max().item()
+    changes = int((ta[1:] != ta[:-1]).sum())
+    assert tf < 0.5 and pf < 0.5, (tf, pf)
+    print(f"training (digits MLP, defaults, {steps} steps): full-data loss Triton {tf:.4f} / PyTorch {pf:.4f}; "
+          f"final α {ta[-1].item():.5f} / {pa[-1].item():.5f}; α changed {changes} times; "
+          f"largest relative α gap along the run {gap:.1e}")
+
+
 def bandwidth(device):
     x = torch.empty(2**28, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
@@ -238,6 +280,7 @@ def main() -> None:
         if not args.dry:
             sys.exit("no CUDA device: run with --dry for the interpreter checks")
         check_reference(torch.device("cpu"), [(3, 5), (), (1025,), (0,), (7,)])
+        check_training(torch.device("cpu"), 60)
         print(f"dry run (interpreter, CPU): the GPU-only checks (sync, graph, speed) were skipped; {time.perf_counter() - t0:.0f} s")
         return
     import triton
@@ -248,6 +291,7 @@ def main() -> None:
     check_no_sync(device)
     check_cuda_graph(device, window=2)
     check_cuda_graph(device)
+    check_training(device, 600)
     speed_table(device)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
 

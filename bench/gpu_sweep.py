@@ -28,7 +28,7 @@ from tlr_triton.kernels import launch  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
 
 # (move programs per SM, RBLOCK, R_WARPS); 10**6 programs per SM is one program per block
-SETTINGS = [(4, 2048, 16), (4, 1024, 8)]
+SETTINGS = [(4, 2048, 16)]
 
 
 def configs():

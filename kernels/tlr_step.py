@@ -20,8 +20,8 @@ the group's step counter and window state (units of W0 steps so far, length k):
    grew: ``GROWTH``) and on α itself (a window mostly of weight decay: ``DECAY_SHARE``); it
    advances the window state.
 3. ``tlr_alpha_kernel``, one program per α-scope: when the window closes, sums its blocks'
-   partials in a fixed order, applies SPEC's Newton factor with its guards (and the caps)
-   and writes α.
+   partials in a fixed order (one α for the group: takes the window kernel's sums), applies
+   SPEC's Newton factor with its guards (and the caps) and writes α.
 4. ``tlr_move_kernel``, a persistent grid sized to the GPU striding over the blocks: on a
    scheduled closing, moves the weights with the new α (Algorithm 2's order) and restarts
    the window snapshot; on an early one (the weights moved in launch 1), P ← A and A ← 0,
@@ -415,8 +415,8 @@ def tlr_window_kernel(
     we_ptr,           # float64 [4]: ‖A‖² per unit of the last two closed windows, Σ‖w‖² at the last closing,
                       # the peak α (the decay test's)
     flag_ptr,         # int32: written here: OPEN, CLOSES or CLOSES_LATE
-    cut_ptr,          # float64 [2]: written here: the largest factor α may take (no cap unless the guard trips)
-                      # and the ceiling: no α grows past max(α, ceiling)
+    cut_ptr,          # float64 [4]: written here: the largest factor α may take (no cap unless the guard trips),
+                      # the ceiling: no α grows past max(α, ceiling), and the group's ⟨A, P⟩ and ‖A‖²
     window,
     units,
     hyp_ptr,
@@ -433,9 +433,16 @@ def tlr_window_kernel(
         scheduled = _and(scheduled, ok)
     ratio = tl.load(hyp_ptr + H_BLOWUP)
     watched = _and(units > 1, ratio > 0)
+    # The totals are summed at every scheduled closing (a group-scope α kernel reads ⟨A, P⟩ and ‖A‖²
+    # from here, the same sums in the same order) and where the guard watches; the decisions
+    # below see them only where the adaptive window needs them.
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
-    end = tl.where(needed, n_total, 0)
+    end = tl.where(_and(unit_ends, _or(scheduled, watched)), n_total, 0)
     dot, sq, weights, moved, along, top = _totals(part_ptr, n_part, end, tl.where(watched, end, 0), RBLOCK)
+    tl.store(cut_ptr + 2, dot)
+    tl.store(cut_ptr + 3, sq)
+    dot = tl.where(needed, dot, 0.0)
+    sq = tl.where(needed, sq, 0.0)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
@@ -487,8 +494,9 @@ def tlr_alpha_kernel(
     part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
     n_part,
     flag_ptr,         # int32: the window kernel's decision
-    cut_ptr,          # float64 [2]: the blow-up guard's cap on the factor, and α's ceiling
+    cut_ptr,          # float64 [4]: the blow-up guard's cap on the factor, α's ceiling, the group's ⟨A, P⟩ and ‖A‖²
     hyp_ptr,          # float64 [HYPER_SIZE]: the bound c is read here
+    GROUP: tl.constexpr,  # one α for the group: its sums are the window kernel's, not summed again
     RBLOCK: tl.constexpr,
 ):
     """One program per α-scope: α ← α·min(1 + r, cut), at most max(α, ceiling), when the window closes
@@ -499,8 +507,11 @@ def tlr_alpha_kernel(
     alpha_ptr = tl.load(scope_ptr + 2 * n_scopes + s).to(tl.pointer_type(tl.float32))
     closing = tl.load(flag_ptr) != OPEN
 
-    # On an ordinary step the reduction runs no iteration.
-    dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
+    if GROUP:
+        dot_s = tl.load(cut_ptr + 2)
+        sq_s = tl.load(cut_ptr + 3)
+    else:  # on an ordinary step the reduction runs no iteration
+        dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
     r = _newton_r(dot_s, sq_s, tl.load(hyp_ptr + H_BOUND))
     # A new α outside float32's normal range is refused.
     old = tl.load(alpha_ptr).to(tl.float64)
