@@ -329,8 +329,54 @@ def vector_problems(r: dict) -> list[str]:
     return out
 
 
+# The element arrays that each fp32 step and move kernel reads and writes, and the kinds of
+# step whose lanes move them ("o" ordinary, "u" the end of a unit that the blow-up guard
+# reads, "c" a scheduled closing; "r" a step after α was set by hand, "l" the guard's late
+# close). For aligned fp32 buckets every element access is a 16-byte vector of 4 elements
+# (one per thread and array), so the compiled PTX holds exactly one such instruction per
+# entry (``access_problems``); which kinds move which lanes is what the interpreter test
+# counts lane by lane (tests/test_triton.py), and ``step_bytes`` adds them up per kind.
+def element_accesses(kernel: str, cx: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(loads, stores) of ``kernel`` with constexprs ``cx``: (array, kinds) pairs."""
+    momentum, nesterov, snapshot = (cx["HAS_MOMENTUM"] == "True", cx["NESTEROV"] == "True", cx["SNAPSHOT"] == "True")
+    if kernel == "tlr_step_kernel":
+        loads = [("w", "oucrl"), ("g", "oucrl")] + [("b", "oucrl")] * momentum + [("P", "uc")]
+        loads += [("S", "uc"), ("S", "r")] if snapshot else [("A", "oucrl")]
+        stores = [("b", "oucrl")] * momentum + ([("S", "r")] if snapshot else [("A", "oucrl")])
+        stores += [("P", "c"), ("w", "ourl")]
+    elif kernel == "tlr_move_kernel":
+        read = "cl" if snapshot else "c"  # a late close rebuilds P and S from w and b
+        loads = [("w", read)] + [("b", read)] * momentum + [("g", "c")] * (not momentum or nesterov)
+        loads += [("S", "l")] if snapshot else [("A", "l")]
+        stores = [("w", "c"), ("P", "l"), ("S", "cl") if snapshot else ("A", "l")]
+    else:
+        raise ValueError(kernel)
+    return loads, stores
+
+
+def step_bytes(cx: dict, kind: str) -> int:
+    """fp32 bytes per parameter that a step of ``kind`` moves through the step and move kernels."""
+    return 4 * sum(kind in kinds for k in ("tlr_step_kernel", "tlr_move_kernel")
+                   for accesses in element_accesses(k, cx) for _, kinds in accesses)
+
+
+def access_problems(r: dict) -> list[str]:
+    """An aligned fp32 step or move kernel whose PTX moves elements other than ``element_accesses`` says."""
+    cx = r["constexprs"]
+    if (r["kernel"] not in _ELEMENTWISE or "error" in r or int(cx.get("ALIGN", "1")) <= 1
+            or cx["PARAM_DTYPE"] != "fp32" or cx["STATE_DTYPE"] != "fp32"):
+        return []
+    loads, stores = element_accesses(r["kernel"], cx)
+    got = (r["ptx"]["ld"].get("16", 0), r["ptx"]["st"].get("16", 0))
+    if got != (len(loads), len(stores)):
+        return [f"16-byte element accesses {got[0]} loads, {got[1]} stores; expected {len(loads)} "
+                f"({', '.join(a for a, _ in loads)}) and {len(stores)} ({', '.join(a for a, _ in stores)})"]
+    return []
+
+
 def problems(results: list[dict]) -> list[str]:
-    """One line per compile error, spill, local-memory use or unvectorized aligned kernel."""
+    """One line per compile error, spill, local-memory use, unvectorized aligned kernel, or aligned fp32
+    kernel whose element accesses differ from ``element_accesses``."""
     out = []
     for r in results:
         where = f"{r['kernel']} sm_{r['arch']} triton {r['triton']} {r['constexprs']} (config {r['config']})"
@@ -339,7 +385,7 @@ def problems(results: list[dict]) -> list[str]:
         elif r["spill_stores"] or r["spill_loads"] or r["stack"] or r["local"]:
             out.append(f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B, "
                        f"local memory {r['local']}")
-        out += [f"{where}: {line} (PTX {r['ptx']})" for line in vector_problems(r)]
+        out += [f"{where}: {line} (PTX {r['ptx']})" for line in vector_problems(r) + access_problems(r)]
     return out
 
 

@@ -65,3 +65,18 @@ def test_every_specialization_compiles_for_sm80_and_sm90(recorded, version, caps
         assert {r["triton"] for r in results} == {"3.6.0"}
     found = G.problems(results)
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    # (HAS_MOMENTUM, NESTEROV, SNAPSHOT) → fp32 bytes per parameter of an ordinary step, a unit end the
+    # guard reads, a closing (docs/triton.md, "Memory traffic"; fused SGD: 20 with momentum, 12 without)
+    (("True", "False", "True"), (20, 28, 44)),    # the default: momentum, statistic "gradient"
+    (("True", "True", "True"), (20, 28, 48)),     # nesterov: the move kernel reads g again
+    (("False", "False", "True"), (12, 20, 36)),   # momentum 0
+    (("True", "False", "False"), (28, 32, 44)),   # A summed (dampening, a schedule, 2-byte weights)
+])
+def test_the_access_model_gives_the_documented_bytes(mode, expected):
+    """``element_accesses`` — which the compile test holds every aligned fp32 kernel's PTX to — adds up
+    to the bytes per step kind that the interpreter counts lane by lane and the docs give."""
+    cx = dict(zip(("HAS_MOMENTUM", "NESTEROV", "SNAPSHOT"), mode))
+    assert tuple(G.step_bytes(cx, kind) for kind in "ouc") == expected
