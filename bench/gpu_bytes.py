@@ -48,7 +48,7 @@ def inner() -> None:
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     sgd.step()                   # fused SGD: one launch per 320 chunks
-    for _ in range(4):           # window 4: steps 5-7 ordinary, step 8 closes; 4 kernels each
+    for _ in range(4):           # window 4: steps 5-7 ordinary, step 8 closes; 3 kernels each
         fixed.step()
     for _ in range(3):           # steps 4-6 of the held default: 4 and 5 ordinary, 6 a unit end
         guarded.step()
@@ -81,7 +81,7 @@ def main() -> None:
             tlr.append([])
         tlr[-1].append(k)
     print(f"{len(rows)} kernels profiled: {first} of fused SGD, {len(tlr)} TLR steps of "
-          f"{sorted({len(t) for t in tlr})} kernels (expected 7 of 4)")
+          f"{sorted({len(t) for t in tlr})} kernels (expected 7 of 3: one α per group, no α kernel)")
     kinds = ["TLR ordinary"] * 3 + ["TLR closing"] + ["TLR ordinary"] * 2 + ["TLR unit end (guard)"]
     steps = [("SGD fused", rows[:first])] + list(zip(kinds, tlr))
     print("| step | kernels: read + write B/param | total B/param | counted in the interpreter |")

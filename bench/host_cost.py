@@ -9,7 +9,7 @@ many tensors, often the step time itself). This measures it on any machine: the 
 live on the CPU and every kernel is replaced by a no-op, so only the host work remains —
 
 - TLR's Triton path (``backend="triton"``, default configuration: momentum 0.9, weight
-  decay, the adaptive window): its four launches are no-ops; "launcher" is the part spent
+  decay, the adaptive window): its launches (three) are no-ops; "launcher" is the part spent
   in ``tlr_triton_step`` (tables, memo, launch arguments), "memo miss" a step whose
   address tables must be rebuilt (every address changed);
 - ``torch.optim.SGD(momentum=0.9, fused=True)``: ``torch._fused_sgd_`` is a no-op;

@@ -273,12 +273,11 @@ def tlr_triton_step(
 
     def build_group():
         width = max(total, 1)
-        # one float64 allocation: the guard's caps (α's factor, α's ceiling) and the group's
-        # ⟨A, P⟩ and ‖A‖², then the partials [5, width] (⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩); both
-        # 16-byte aligned whatever the width, so that the kernels taking them compile one
-        # specialization, not one per parity
-        floats = torch.zeros(4 + 5 * width, dtype=torch.float64, device=device)
-        cut, part = floats[:4], floats[4:].view(5, width)
+        # one float64 allocation: the guard's caps (α's factor, α's ceiling), then the partials
+        # [5, width] (⟨A, P⟩, ‖A‖², ‖w‖², α, ⟨A, w⟩); both 16-byte aligned whatever the width, so
+        # that the kernels taking them compile one specialization, not one per parity
+        floats = torch.zeros(2 + 5 * width, dtype=torch.float64, device=device)
+        cut, part = floats[:2], floats[2:].view(5, width)
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
         return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
 
@@ -311,13 +310,13 @@ def tlr_triton_step(
         K.tlr_window_kernel[(1,)](
             part, part.shape[1], total, step, found_inf if found_inf is not None else dummy, window_state,
             window_energy if window_energy is not None else torch.zeros(4, dtype=torch.float64, device=device),
-            flag, cut, window, units, hyper,
-            HAS_INF=found_inf is not None, RBLOCK=RBLOCK, num_warps=R_WARPS,
+            flag, cut, alphas[0] if scope == "group" else dummy, window, units, hyper,
+            HAS_INF=found_inf is not None, GROUP_ALPHA=scope == "group", RBLOCK=RBLOCK, num_warps=R_WARPS,
         )
-        K.tlr_alpha_kernel[(scopes.shape[1],)](
-            scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, GROUP=scope == "group", RBLOCK=RBLOCK,
-            num_warps=R_WARPS,
-        )
+        if scope != "group":  # one α per tensor (one α for the group: the window kernel updates it)
+            K.tlr_alpha_kernel[(scopes.shape[1],)](
+                scopes, scopes.shape[1], part, part.shape[1], flag, cut, hyper, RBLOCK=RBLOCK, num_warps=R_WARPS,
+            )
         for idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset in launches:
             K.tlr_move_kernel[(move_programs(device, n_blocks),)](
                 tab, n, blk, n_blocks, flag, part, part.shape[1], offset,

@@ -1,7 +1,7 @@
 """Triton kernels for one TLR step over every tensor of a (device, dtype) bucket.
 
-One step of one param group is four launches, always the same four, so that a CUDA
-graph can capture them; whether the step closes a window is decided on the device from
+One step of one param group is four launches (three with one α for the group, the
+default), always the same ones, so that a CUDA graph can capture them; whether the step closes a window is decided on the device from
 the group's step counter and window state (units of W0 steps so far, length k):
 
 1. ``tlr_step_kernel``, one program per block of BLOCK elements of any tensor:
@@ -18,10 +18,11 @@ the group's step counter and window state (units of W0 steps so far, length k):
    closes (as scheduled, or early when the guard sees ‖A‖² per unit jump), the next
    window's length, and the guard's cap on α's factor (also at a closing where the weights
    grew: ``GROWTH``) and on α itself (a window mostly of weight decay: ``DECAY_SHARE``); it
-   advances the window state.
-3. ``tlr_alpha_kernel``, one program per α-scope: when the window closes, sums its blocks'
-   partials in a fixed order (one α for the group: takes the window kernel's sums), applies
-   SPEC's Newton factor with its guards (and the caps) and writes α.
+   advances the window state. With one α for the group it then updates α itself (launch 3's
+   work for its one scope: one launch less per step).
+3. ``tlr_alpha_kernel``, one program per α-scope, launched with one α per tensor: when the
+   window closes, sums its blocks' partials in a fixed order, applies SPEC's Newton factor
+   with its guards (and the caps) and writes α.
 4. ``tlr_move_kernel``, a persistent grid sized to the GPU striding over the blocks: on a
    scheduled closing, moves the weights with the new α (Algorithm 2's order) and restarts
    the window snapshot; on an early one (the weights moved in launch 1), P ← A and A ← 0,
@@ -404,6 +405,16 @@ def _newton_r(dot, sq, bound):
     return tl.where(_and(denom > 0, tl.abs(r) <= 1.7976931348623157e308), r, 0.0)  # NaN fails <=
 
 
+@triton.jit
+def _new_alpha(old, closing, dot, sq, cut, ceiling, bound):
+    """α ← α·min(1 + r, cut), at most max(α, ceiling), where the window closes (SPEC's Newton step
+    and the blow-up guard's caps), in fp64; a new α outside float32's normal range is refused."""
+    r = _newton_r(dot, sq, bound)
+    new = tl.minimum(old * tl.minimum(1.0 + r, cut), tl.maximum(old, ceiling))
+    keep = _and(new >= 1.1754943508222875e-38, new <= 3.4028234663852886e38)
+    return tl.where(_and(keep, closing), new, old)
+
+
 @triton.jit(do_not_specialize=_NO_SPEC_WINDOW)
 def tlr_window_kernel(
     part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩, ‖A‖², ‖w‖², α and ⟨A, w⟩
@@ -415,17 +426,19 @@ def tlr_window_kernel(
     we_ptr,           # float64 [4]: ‖A‖² per unit of the last two closed windows, Σ‖w‖² at the last closing,
                       # the peak α (the decay test's)
     flag_ptr,         # int32: written here: OPEN, CLOSES or CLOSES_LATE
-    cut_ptr,          # float64 [4]: written here: the largest factor α may take (no cap unless the guard trips),
-                      # the ceiling: no α grows past max(α, ceiling), and the group's ⟨A, P⟩ and ‖A‖²
+    cut_ptr,          # float64 [2]: written here: the largest factor α may take (no cap unless the guard trips)
+                      # and the ceiling: no α grows past max(α, ceiling) (the α kernel reads them)
+    alpha_ptr,        # fp32: the group's α, updated here when GROUP_ALPHA
     window,
     units,
     hyp_ptr,
     HAS_INF: tl.constexpr,
+    GROUP_ALPHA: tl.constexpr,  # one α for the group: this kernel updates it (no α kernel is launched)
     RBLOCK: tl.constexpr,
 ):
     """One program: the group's window decision for this step (SPEC's closing, the adaptive
     window's next length, the blow-up guard), from the group's total ⟨A, P⟩, ‖A‖² and ‖w‖²;
-    then the group's step counter advances."""
+    with one α for the group, α's update; then the group's step counter advances."""
     unit_ends, scheduled = _schedule(step_ptr, ws_ptr, window, units)
     if HAS_INF:
         ok = tl.load(inf_ptr) == 0
@@ -433,16 +446,17 @@ def tlr_window_kernel(
         scheduled = _and(scheduled, ok)
     ratio = tl.load(hyp_ptr + H_BLOWUP)
     watched = _and(units > 1, ratio > 0)
-    # The totals are summed at every scheduled closing (a group-scope α kernel reads ⟨A, P⟩ and ‖A‖²
-    # from here, the same sums in the same order) and where the guard watches; the decisions
-    # below see them only where the adaptive window needs them.
+    # The totals are summed where the adaptive window's decisions need them and, with one α for
+    # the group, at every scheduled closing (α's update below); the decisions see them only
+    # where the adaptive window needs them.
     needed = _and(unit_ends, _or(_and(scheduled, units > 1), watched))
-    end = tl.where(_and(unit_ends, _or(scheduled, watched)), n_total, 0)
-    dot, sq, weights, moved, along, top = _totals(part_ptr, n_part, end, tl.where(watched, end, 0), RBLOCK)
-    tl.store(cut_ptr + 2, dot)
-    tl.store(cut_ptr + 3, sq)
-    dot = tl.where(needed, dot, 0.0)
-    sq = tl.where(needed, sq, 0.0)
+    if GROUP_ALPHA:
+        end = tl.where(_and(unit_ends, _or(scheduled, watched)), n_total, 0)
+    else:
+        end = tl.where(needed, n_total, 0)
+    dot_all, sq_all, weights, moved, along, top = _totals(part_ptr, n_part, end, tl.where(watched, end, 0), RBLOCK)
+    dot = tl.where(needed, dot_all, 0.0)
+    sq = tl.where(needed, sq_all, 0.0)
     done = tl.load(ws_ptr) + 1
     k = tl.minimum(tl.load(ws_ptr + 1), units)
     energy = sq / done.to(tl.float64)
@@ -467,7 +481,8 @@ def tlr_window_kernel(
     rest = sq - 2.0 * decay * along + decay * decay * weights  # ‖A - λ·n·w‖²
     decays = _and(_and(watched, decay > 0), _and(sq > 0, rest <= sq * DECAY_SHARE * DECAY_SHARE))
     peak = tl.load(we_ptr + 3)
-    tl.store(cut_ptr + 1, tl.where(decays, peak, no_cap))
+    ceiling = tl.where(decays, peak, no_cap)
+    tl.store(cut_ptr + 1, ceiling)
     tl.store(we_ptr + 3, tl.where(_and(_and(closes, watched), decays == 0), tl.maximum(peak, top), peak))
     tl.store(flag_ptr, tl.where(scheduled, CLOSES, tl.where(jump, CLOSES_LATE, OPEN)).to(tl.int32))
     r = _newton_r(dot, sq, tl.load(hyp_ptr + H_BOUND))
@@ -479,6 +494,10 @@ def tlr_window_kernel(
     tl.store(we_ptr + 1, tl.where(closes, previous, tl.load(we_ptr + 1)))
     tl.store(we_ptr, tl.where(closes, energy, previous))
     tl.store(we_ptr + 2, tl.where(_and(closes, watched), weights, last))
+    if GROUP_ALPHA:  # the α kernel's work for its one scope, from the same sums in the same order
+        old = tl.load(alpha_ptr).to(tl.float64)
+        new = _new_alpha(old, closes, dot_all, sq_all, cut, ceiling, tl.load(hyp_ptr + H_BOUND))
+        tl.store(alpha_ptr, new.to(tl.float32))
     # The step counter advances here, after the step kernels have read it (a step AMP skips does
     # not count): no separate launch for it.
     if HAS_INF:
@@ -494,9 +513,8 @@ def tlr_alpha_kernel(
     part_ptr,         # float64 [5, n_part]: per-block ⟨A, P⟩ and ‖A‖² (rows 0 and 1 read here)
     n_part,
     flag_ptr,         # int32: the window kernel's decision
-    cut_ptr,          # float64 [4]: the blow-up guard's cap on the factor, α's ceiling, the group's ⟨A, P⟩ and ‖A‖²
+    cut_ptr,          # float64 [2]: the blow-up guard's cap on the factor, and α's ceiling
     hyp_ptr,          # float64 [HYPER_SIZE]: the bound c is read here
-    GROUP: tl.constexpr,  # one α for the group: its sums are the window kernel's, not summed again
     RBLOCK: tl.constexpr,
 ):
     """One program per α-scope: α ← α·min(1 + r, cut), at most max(α, ceiling), when the window closes
@@ -507,17 +525,10 @@ def tlr_alpha_kernel(
     alpha_ptr = tl.load(scope_ptr + 2 * n_scopes + s).to(tl.pointer_type(tl.float32))
     closing = tl.load(flag_ptr) != OPEN
 
-    if GROUP:
-        dot_s = tl.load(cut_ptr + 2)
-        sq_s = tl.load(cut_ptr + 3)
-    else:  # on an ordinary step the reduction runs no iteration
-        dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
-    r = _newton_r(dot_s, sq_s, tl.load(hyp_ptr + H_BOUND))
-    # A new α outside float32's normal range is refused.
+    # on an ordinary step the reduction runs no iteration
+    dot_s, sq_s = _reduce(part_ptr, n_part, start, tl.where(closing, end, start), RBLOCK)
     old = tl.load(alpha_ptr).to(tl.float64)
-    new = tl.minimum(old * tl.minimum(1.0 + r, tl.load(cut_ptr)), tl.maximum(old, tl.load(cut_ptr + 1)))
-    keep = _and(new >= 1.1754943508222875e-38, new <= 3.4028234663852886e38)
-    new = tl.where(_and(keep, closing), new, old)
+    new = _new_alpha(old, closing, dot_s, sq_s, tl.load(cut_ptr), tl.load(cut_ptr + 1), tl.load(hyp_ptr + H_BOUND))
     tl.store(alpha_ptr, new.to(tl.float32))
 
 
