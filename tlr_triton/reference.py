@@ -5,8 +5,9 @@
   tensor there), and rounds weights to the parameter's dtype after each step.
 - ``NaiveTLR``: the paper's Algorithm 1 (a second forward–backward pass per step).
 - ``HypergradientSGD``: the fixed-meta-rate rule of Appendix D.4 (Baydin et al., 2018).
+- ``ReferenceTLRAdamW``: TLR for AdamW's direction (docs/adamw.md), fixed windows.
 
-All three are slow on purpose: plain Python loops, host reads, no fused kernels.
+All four are slow on purpose: plain Python loops, host reads, no fused kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.optim import Optimizer
 from .optimizer import (DECAY_SHARE, DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH,
                         MOVE_FLOOR, check_hyperparameters, window_schedule)
 
-__all__ = ["ReferenceTLR", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
+__all__ = ["ReferenceTLR", "ReferenceTLRAdamW", "NaiveTLR", "HypergradientSGD", "newton_factor", "next_alpha"]
 
 _TINY = torch.finfo(torch.float32).tiny
 _MAX = torch.finfo(torch.float32).max
@@ -195,6 +196,112 @@ class ReferenceTLR(Optimizer):
             st = self.state[p]
             st["prev_window_sum"] = st["window_sum"]
             st["window_sum"] = torch.zeros_like(st["window_sum"])
+
+
+class ReferenceTLRAdamW(Optimizer):
+    """TLR for AdamW (docs/adamw.md), one tensor at a time, in float64; fixed windows.
+
+    The weights move as ``torch.optim.AdamW``'s, by α·d with d = p·m̂ + λ·w, p = 1/(√v̂ + ε)
+    (α times lr / initial_lr under a schedule). α is trained by SPEC's Newton step on window
+    sums of the statistic:
+
+    - ``"gradient"`` (default): u = √p·σg + λ·w/√p, SPEC's u in the coordinates w = √p·y in
+      which AdamW is SGD with momentum: no momentum tail is shared between windows;
+    - ``"direction"``: u = d, the directions taken (the momentum-biased pairing, for comparison).
+
+    ``group["alpha"]`` (scope "group") and ``state[p]["alpha"]`` (scope "tensor") are Python
+    floats rounded to float32 after each update; m, v and the window sums are float64.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, bound=0.25, window=3, scope="group", statistic="gradient"):
+        if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+            raise ValueError(f"Invalid window: {window!r} (ReferenceTLRAdamW takes a fixed window of >= 1 steps)")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas!r} (each in [0, 1))")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+        if statistic not in ("gradient", "direction"):
+            raise ValueError(f"Invalid statistic: {statistic!r} (expected 'gradient' or 'direction')")
+        check_hyperparameters(lr=lr, momentum=0.0, dampening=0.0, weight_decay=weight_decay, nesterov=False,
+                              bound=bound, window=window, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
+                              blowup_ratio=None, scope=scope, statistic=statistic, maximize=maximize)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, bound=bound, window=window, scope=scope, statistic=statistic)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["alpha"] = _f32(float(group["lr"]))
+        group.setdefault("initial_lr", float(group["lr"]))
+        group.setdefault("step", 0)
+
+    def _preconditioner(self, vhat, eps):
+        """p = 1/(√v̂ + ε): AdamW's. (The reduction test replaces it by 1 to get SPEC back.)"""
+        return 1.0 / (vhat.sqrt() + eps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group):
+        (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
+        live = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+        directions = {}
+        for p in live:
+            st = self.state[p]
+            w = p.detach().double()
+            g = p.grad.detach().double()
+            g = -g if group["maximize"] else g
+            if "exp_avg" not in st:
+                st["step"] = 0
+                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(w), torch.zeros_like(w)
+                if group["amsgrad"]:
+                    st["max_exp_avg_sq"] = torch.zeros_like(w)
+                st["window_sum"], st["prev_window_sum"] = torch.zeros_like(w), torch.zeros_like(w)
+                if group["scope"] == "tensor":
+                    st["alpha"] = group["alpha"]
+            st["step"] += 1
+            t = st["step"]
+            st["exp_avg"] = beta1 * st["exp_avg"] + (1 - beta1) * g
+            st["exp_avg_sq"] = beta2 * st["exp_avg_sq"] + (1 - beta2) * g * g
+            v = st["exp_avg_sq"]
+            if group["amsgrad"]:
+                st["max_exp_avg_sq"] = torch.maximum(st["max_exp_avg_sq"], v)
+                v = st["max_exp_avg_sq"]
+            precond = self._preconditioner(v / (1 - beta2 ** t), eps)
+            d = precond * (st["exp_avg"] / (1 - beta1 ** t))
+            if lam != 0:  # λ = 0 means no term (0·NaN weights would be NaN)
+                d = d + lam * w
+            if group["statistic"] == "gradient":
+                root = precond.sqrt()
+                u = root * g + lam * w / root if lam != 0 else root * g
+            else:
+                u = d
+            st["window_sum"] = st["window_sum"] + u
+            directions[p] = d
+
+        if live and (group["step"] + 1) % group["window"] == 0:  # α first, then the move (Algorithm 2's order)
+            scopes = [live] if group["scope"] == "group" else [[p] for p in live]
+            for tensors in scopes:
+                holder = group if group["scope"] == "group" else self.state[tensors[0]]
+                holder["alpha"] = next_alpha(holder["alpha"], _sum_of(self.state, tensors, "window_sum", "prev_window_sum"),
+                                             _sum_of(self.state, tensors, "window_sum", "window_sum"), group["bound"])
+            for p in live:
+                st = self.state[p]
+                st["prev_window_sum"], st["window_sum"] = st["window_sum"], torch.zeros_like(st["window_sum"])
+        factor = float(group["lr"]) / float(group["initial_lr"])
+        for p in live:
+            alpha = group["alpha"] if group["scope"] == "group" else self.state[p]["alpha"]
+            p.copy_(p.double() - alpha * factor * directions[p])
+        group["step"] += 1
 
 
 def _sum_of(state, params, a, b) -> float:
