@@ -1,6 +1,7 @@
 """A first look at TLR for AdamW (docs/adamw.md): the float64 reference against AdamW, one seed.
 
-    python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm]
+    python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm] [--window W] [--bound C]
+                                     [--lrs 1e-4 1e-3 1e-2] [--only-tlr]
 
 Trains the bench/experiments.py tasks (digits MLP, batch 64; the character transformer,
 batch 32) with ``torch.optim.AdamW`` at lr ∈ {1e-4, 1e-3, 1e-2} and ``ReferenceTLRAdamW``
@@ -44,6 +45,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--tasks", nargs="+", default=["digits", "charlm"])
+    ap.add_argument("--window", type=int, help="TLR's window in steps (default: a third of an epoch)")
+    ap.add_argument("--bound", type=float, default=0.25, help="TLR's bound c")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    ap.add_argument("--only-tlr", action="store_true", help="skip AdamW")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print("| task | optimizer | lr / α0 | train loss | test metric | final α |")
@@ -51,11 +56,13 @@ def main() -> None:
     for name in args.tasks:
         task = Digits() if name == "digits" else CharLM()
         batch = BATCH[name]
-        window = max(1, round(0.33 * task.steps_per_epoch(batch)))
-        for lr in (1e-4, 1e-3, 1e-2):
-            for label, build in (("AdamW", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2)),
-                                 (f"TLR-AdamW (window {window})",
-                                  lambda ps, lr=lr: ReferenceTLRAdamW(ps, lr=lr, weight_decay=1e-2, window=window))):
+        window = args.window or max(1, round(0.33 * task.steps_per_epoch(batch)))
+        for lr in args.lrs:
+            runs = [] if args.only_tlr else [("AdamW", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2))]
+            runs.append((f"TLR-AdamW (window {window}, c {args.bound:g})",
+                         lambda ps, lr=lr: ReferenceTLRAdamW(ps, lr=lr, weight_decay=1e-2, window=window,
+                                                             bound=args.bound)))
+            for label, build in runs:
                 t = time.perf_counter()
                 loss, metric, alpha = train(task, build, args.epochs, batch)
                 metric = f"{metric:.3f}" if name == "digits" else f"{metric:.2f} ppl"
