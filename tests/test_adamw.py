@@ -141,3 +141,140 @@ def test_bad_arguments_name_the_value():
                          (dict(statistic="u"), "statistic"), (dict(lr=0.0), "lr")):
         with pytest.raises(ValueError, match=name):
             ReferenceTLRAdamW([w], **kwargs)
+
+
+# ----------------------------------------------------------------------------- TLRAdamW, the PyTorch path
+
+from tlr_triton import TLRAdamW  # noqa: E402
+
+
+def _pair(dtype, seed=4, shapes=((6, 5), (7,), (3, 2, 2))):
+    init = _params(seed, shapes)
+    return [p.to(dtype, copy=True).requires_grad_() for p in init], [p.clone().requires_grad_() for p in init]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("config", [
+    dict(window=1), dict(window=3, scope="tensor"), dict(window=2, maximize=True, weight_decay=0.0),
+    dict(window=3, amsgrad=True, betas=(0.8, 0.95)), dict(window=2, weight_decay=0.1, eps=1e-6),
+])
+def test_the_pytorch_path_follows_the_reference(dtype, rtol, config):
+    ours, ref = _pair(dtype)
+    opt = TLRAdamW(ours, lr=2.0 ** -8, **config)
+    reference = ReferenceTLRAdamW(ref, lr=2.0 ** -8, **config)
+    g = torch.Generator().manual_seed(5)
+    alphas = set()
+    for i in range(24):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(q.shape, generator=g, dtype=torch.float64) * (1 + i % 4)
+            p.grad, q.grad = grad.to(dtype), grad.to(dtype).double()
+        opt.step()
+        reference.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.detach().double(), q.detach(), rtol=rtol, atol=rtol)
+        for k, (p, q) in enumerate(zip(ours, ref)):
+            ra = reference.state[q]["alpha"] if config.get("scope") == "tensor" else reference.param_groups[0]["alpha"]
+            oa = opt.state[p]["alpha"] if config.get("scope") == "tensor" else opt.param_groups[0]["alpha"]
+            assert float(oa) == pytest.approx(ra, rel=max(rtol, 1e-7)), (i, k)
+        alphas.add(float(opt.param_groups[0]["alpha"]) if config.get("scope") != "tensor" else float(opt.state[ours[0]]["alpha"]))
+    assert len(alphas) > 3
+
+
+def test_step_reads_nothing_on_the_host(forbid_host_reads):
+    params = [torch.randn(20, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
+    opt = TLRAdamW(params, lr=1e-3, window=2)
+    forbid_host_reads()
+    for _ in range(7):  # closings included
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+def test_a_checkpoint_resumes_bit_identically(dtype, scope):
+    import io
+
+    torch.manual_seed(0)
+    init = [torch.randn(8, 3).to(dtype), torch.randn(5).to(dtype)]
+    grads = [[torch.randn(t.shape).to(dtype) for t in init] for _ in range(15)]
+
+    def run(params, opt, first, last):
+        for i in range(first, last):
+            for p, grad in zip(params, grads[i]):
+                p.grad = grad.clone()
+            opt.step()
+
+    a = [t.clone().requires_grad_() for t in init]
+    opt = TLRAdamW(a, lr=1e-2, window=3, scope=scope)
+    run(a, opt, 0, 7)  # mid-window: the window sums travel
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    b = [p.detach().clone().requires_grad_() for p in a]
+    run(a, opt, 7, 15)
+    buf.seek(0)
+    resumed = TLRAdamW(b, lr=1e-2, window=3, scope=scope)
+    resumed.load_state_dict(torch.load(buf))
+    assert resumed.state[b[0]]["exp_avg"].dtype == torch.float32  # not rounded to bf16 by torch's loader
+    run(b, resumed, 7, 15)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.param_groups[0]["alpha"], resumed.param_groups[0]["alpha"])
+
+
+def test_bad_input_is_refused_by_name_and_changes_nothing():
+    w = torch.zeros(3, requires_grad=True)
+    for kwargs, name in ((dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
+                         (dict(betas=(0.9, 1.0)), "beta parameter at index 1"), (dict(eps=float("nan")), "epsilon"),
+                         (dict(window=0), "window"), (dict(window="auto"), "window"), (dict(scope="layer"), "scope"),
+                         (dict(bound=-1.0), "bound"), (dict(weight_decay=-0.1), "weight_decay")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            TLRAdamW([w], **kwargs)
+    a, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True, dtype=torch.float64)
+    opt = TLRAdamW([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    a.grad, b.grad = torch.ones(3), torch.ones(2, dtype=torch.float64).to_sparse()  # group 1: a sparse gradient
+    with pytest.raises(RuntimeError, match="sparse gradients .group 1"):
+        opt.step()
+    assert torch.equal(a, torch.ones(3)) and not opt.state  # group 0 untouched too
+
+
+def test_parameters_without_gradients_are_left_alone_and_a_schedule_scales_the_step():
+    a, b = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    ref_a = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    opt = TLRAdamW([a, b], lr=2.0 ** -6, window=2)
+    ref = ReferenceTLRAdamW([ref_a], lr=2.0 ** -6, window=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=3, gamma=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(9):
+        grad = torch.randn(4, generator=g)
+        a.grad, ref_a.grad = grad.clone(), grad.double()
+        opt.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+    assert torch.equal(b, torch.ones(4)) and b not in opt.state
+    torch.testing.assert_close(a.detach().double(), ref_a.detach(), rtol=2e-5, atol=2e-6)
+    assert float(opt.param_groups[0]["alpha"]) == pytest.approx(ref.param_groups[0]["alpha"], rel=2e-5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 ** -6 / 8)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_steps_like_the_original(how):
+    import copy
+    import pickle
+
+    torch.manual_seed(1)
+    params = [torch.randn(6, requires_grad=True)]
+    opt = TLRAdamW(params, lr=1e-2, window=2)
+    for _ in range(3):
+        params[0].grad = torch.randn(6)
+        opt.step()
+    dup = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin = dup.param_groups[0]["params"]
+    for _ in range(5):
+        grad = torch.randn(6)
+        params[0].grad, twin[0].grad = grad.clone(), grad.clone()
+        opt.step()
+        dup.step()
+    assert torch.equal(params[0], twin[0]) and torch.equal(opt.param_groups[0]["alpha"], dup.param_groups[0]["alpha"])

@@ -1,0 +1,206 @@
+"""TLRAdamW: AdamW whose learning rate α is trained by TLR's Newton step (docs/adamw.md).
+
+The PyTorch path (foreach ops, any device); fixed windows. α lives on the parameters'
+device (``group["alpha"]``, a 0-dim float32 tensor; ``state[p]["alpha"]`` with scope
+"tensor") and is updated there: ``step()`` reads no device value on the host. The window's
+statistic R = Σ √p·σg + λ·w/√p (p = 1/(√v̂ + ε)) is SPEC's u in the coordinates in which
+AdamW is SGD with momentum, and α's update is SPEC's (``functional._update_alphas``, shared
+with ``TLR``). Not yet: the Triton kernel, the adaptive window and its guard, distributed
+and AMP support (issue 12).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional
+from .optimizer import check_hyperparameters, initial_alpha, schedule_factor
+
+__all__ = ["TLRAdamW"]
+
+_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
+
+
+def _check(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope) -> None:
+    """Raise ValueError/TypeError naming the first invalid argument."""
+    initial_alpha(lr)
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r} (expected two numbers)")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (expected 0 <= beta < 1)")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid epsilon value: {eps!r} (expected a finite number >= 0)")
+    if not isinstance(amsgrad, bool):
+        raise TypeError(f"Invalid amsgrad: {amsgrad!r} (expected a bool)")
+    if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+        raise ValueError(f"Invalid window: {window!r} (TLRAdamW takes a fixed window of >= 1 steps)")
+    check_hyperparameters(momentum=0.0, dampening=0.0, weight_decay=weight_decay, nesterov=False, bound=bound,
+                          window=window, blowup_ratio=None, scope=scope, statistic="gradient", maximize=maximize)
+
+
+class TLRAdamW(Optimizer):
+    r"""AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with a trained learning rate.
+
+    The weights move by α·d, d = m̂/(√v̂ + ε) + λ·w; every ``window`` steps α ← α·(1 + r)
+    with SPEC's r from ⟨R_k, R_{k−1}⟩ and ‖R_k‖² (docs/adamw.md). ``lr`` is α's start and
+    stays the schedule channel: under a learning-rate scheduler the weights move by
+    α·lr/initial_lr, and α keeps training.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: the initial α (> 0).
+        betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
+        bound: the Newton step's cap c (α grows by at most 1 + c per window).
+        window: steps per window (α is updated once per window).
+        scope: "group" (one α per group) or "tensor" (one per parameter tensor).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int = 3,
+                 scope: str = "group") -> None:
+        _check(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, bound=bound, window=window, scope=scope)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check(*(group[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window",
+                                    "scope")))
+        group["betas"] = tuple(group["betas"])
+        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("step", 0)  # host counter: fixed windows are scheduled on the host, no sync
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        group["alpha"] = torch.tensor(initial_alpha(group["lr"]), dtype=torch.float32, device=device)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's loader casts floating-point state to the parameter's dtype (which would round the
+        fp32 state of bf16 parameters): these entries are put back in their own dtype here."""
+        state_dict = dict(state_dict)
+        kept, state = {}, {}
+        for key, entry in state_dict["state"].items():
+            entry = dict(entry)
+            kept[key] = {k: entry.pop(k) for k in _STATE + ("alpha",) if isinstance(entry.get(k), Tensor)}
+            state[key] = entry
+        state_dict["state"] = state
+        super().load_state_dict(state_dict)
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, p in zip(saved, params):
+            for k, value in kept.get(key, {}).items():
+                dtype = torch.float32 if k == "alpha" else functional.state_dtype(p.dtype)
+                self.state[p][k] = value.to(device=p.device, dtype=dtype, copy=True)
+        for group in self.param_groups:
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group["alpha"] = torch.as_tensor(group["alpha"]).to(device=device, dtype=torch.float32, copy=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
+        for group, plan in zip(self.param_groups, plans):  # nothing is modified before every group is checked
+            if plan is not None:
+                self._step_group(group, *plan)
+            group["step"] += 1
+        return loss
+
+    def _check_group(self, index: int, group: dict[str, Any]):
+        params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
+        if not params:
+            return None
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError(f"TLRAdamW does not support sparse gradients (group {index})")
+        device = params[0].device
+        if any(p.device != device or p.grad.device != device for p in params):
+            raise RuntimeError(f"group {index}: every parameter and gradient must be on one device, found "
+                               f"{sorted({str(t.device) for p in params for t in (p, p.grad)})}")
+        for p in params:
+            if not p.dtype.is_floating_point or p.grad.dtype != p.dtype:
+                raise TypeError(f"group {index}: parameters and their gradients must share one floating-point dtype, "
+                                f"got {p.dtype} and {p.grad.dtype}")
+        return params, schedule_factor(group["lr"], group["initial_lr"], index)
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], factor) -> None:
+        (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
+        if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
+            group["alpha"] = group["alpha"].to(params[0].device)
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if "exp_avg" not in st:
+                dtype = functional.state_dtype(p.dtype)
+                st["step"] = 0
+                for k in _STATE if group["amsgrad"] else tuple(k for k in _STATE if k != "max_exp_avg_sq"):
+                    st[k] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                if group["scope"] == "tensor":
+                    st["alpha"] = group["alpha"].clone()
+            st["step"] += 1
+        sdtype = states[0]["exp_avg"].dtype
+        half = any(p.dtype != st["exp_avg"].dtype for p, st in zip(params, states))
+        ws = [p.to(st["exp_avg"].dtype) for p, st in zip(params, states)] if half else params
+        gs = [p.grad.to(st["exp_avg"].dtype) for p, st in zip(params, states)] if half else [p.grad for p in params]
+        if group["maximize"]:
+            gs = torch._foreach_neg(gs)
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        if group["amsgrad"]:
+            maxes = [st["max_exp_avg_sq"] for st in states]
+            torch._foreach_maximum_(maxes, vs)
+            vs = maxes
+        steps = [st["step"] for st in states]
+        # p = 1/(√v̂ + ε), v̂ = v/(1 − β2^t): AdamW's preconditioner, elementwise
+        precond = torch._foreach_sqrt(vs)
+        torch._foreach_div_(precond, [math.sqrt(1 - beta2 ** t) for t in steps])
+        torch._foreach_add_(precond, eps)
+        torch._foreach_reciprocal_(precond)
+        # d = p·m̂ + λ·w, the direction the weights move along
+        d = torch._foreach_mul(ms, precond)
+        torch._foreach_div_(d, [1 - beta1 ** t for t in steps])
+        if lam != 0:  # λ = 0 means no term (0·NaN weights would be NaN)
+            torch._foreach_add_(d, ws, alpha=lam)
+        # R += √p·σg + λ·w/√p (docs/adamw.md)
+        torch._foreach_sqrt_(precond)
+        u = torch._foreach_mul(gs, precond)
+        if lam != 0:
+            torch._foreach_addcdiv_(u, ws, precond, value=lam)
+        sums = [st["window_sum"] for st in states]
+        torch._foreach_add_(sums, u)
+        del u, precond
+
+        if (group["step"] + 1) % group["window"] == 0:  # α first, then the move (Algorithm 2's order)
+            prevs = [st["prev_window_sum"] for st in states]
+            dots = [(r * q).sum(dtype=torch.float64) for r, q in zip(sums, prevs)]
+            sqs = [(r * r).sum(dtype=torch.float64) for r in sums]
+            if group["scope"] == "group":
+                alphas = [group["alpha"]]
+                dots, sqs = torch.stack(dots).sum().reshape(1), torch.stack(sqs).sum().reshape(1)
+            else:
+                alphas = [st["alpha"] for st in states]
+                dots, sqs = torch.stack(dots), torch.stack(sqs)
+            functional._update_alphas(alphas, dots, sqs, group["bound"])
+            for st in states:  # P ← A, A ← 0 (the old P's storage is reused)
+                st["prev_window_sum"], st["window_sum"] = st["window_sum"], st["prev_window_sum"].zero_()
+        if group["scope"] == "group":
+            torch._foreach_mul_(d, group["alpha"].to(sdtype))
+        else:
+            for di, st in zip(d, states):
+                di.mul_(st["alpha"].to(sdtype))
+        if isinstance(factor, Tensor) or factor != 1.0:
+            torch._foreach_mul_(d, factor)
+        if half:
+            torch._foreach_sub_(ws, d)
+            for p, w in zip(params, ws):
+                p.copy_(w)
+        else:
+            torch._foreach_sub_(params, d)
