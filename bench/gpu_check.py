@@ -39,6 +39,7 @@ if DRY:
 import torch  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
+from step_cost import held  # noqa: E402  (the default's window held at k units, as in the CPU step-cost bench)
 from tlr_triton import TLR  # noqa: E402
 from tlr_triton.reference import ReferenceTLR  # noqa: E402
 
@@ -264,17 +265,6 @@ def window_bytes(steps: int, unit: int = 3) -> float:
     of ``unit`` steps each end with the guard's reads (the last one is the closing)."""
     units = steps // unit
     return (BYTES["ordinary"] * (steps - units) + BYTES["unit end"] * (units - 1) + BYTES["closing"]) / steps
-
-
-def held(opt: TLR, units: int) -> TLR:
-    """The default adaptive window held at ``units`` 3-step units (as bench/step_cost.py):
-    window_reset 0 sends k back to 1 at every closing, 1e30 lets it grow to its cap and stay."""
-    for group in opt.param_groups:
-        group["window_reset"] = 0.0 if units == 1 else 1e30
-        if units > 1:
-            group["max_window"] = 3 * units
-            group["window_state"] = torch.tensor([0, units])
-    return opt
 
 
 def speed_table(device):
