@@ -1,8 +1,9 @@
 """Host side of the Triton path: address tables, block maps, launches.
 
 ``tlr_triton_step`` runs one TLR step for the tensors of one param group: per (device,
-dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_window_kernel`` and one
-``tlr_alpha_kernel`` for the group, then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
+dtype) bucket it launches ``tlr_step_kernel``, then one ``tlr_window_kernel`` for the group
+(which also updates a group-scope α) and, with one α per tensor, one ``tlr_alpha_kernel``,
+then ``tlr_move_kernel`` per bucket (see ``tlr_step.py``). Nothing here reads a
 device value: the closing decision and α stay on the device, and the window kernel
 advances the step counter, there too.
 

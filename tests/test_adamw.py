@@ -220,6 +220,9 @@ def test_a_checkpoint_resumes_bit_identically(dtype, scope):
     for p, q in zip(a, b):
         assert torch.equal(p, q)
     assert torch.equal(opt.param_groups[0]["alpha"], resumed.param_groups[0]["alpha"])
+    if scope == "tensor":
+        for p, q in zip(a, b):
+            assert torch.equal(opt.state[p]["alpha"], resumed.state[q]["alpha"])
 
 
 def test_bad_input_is_refused_by_name_and_changes_nothing():
@@ -278,3 +281,37 @@ def test_a_copy_steps_like_the_original(how):
         opt.step()
         dup.step()
     assert torch.equal(params[0], twin[0]) and torch.equal(opt.param_groups[0]["alpha"], dup.param_groups[0]["alpha"])
+
+
+def test_refused_groups_and_foreign_checkpoints_leave_the_optimizer_working():
+    w, x = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    opt = TLRAdamW([w], lr=1e-2)
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.add_param_group({"params": [x], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    adamw = torch.optim.AdamW([torch.ones(3, requires_grad=True)], lr=1e-3)
+    with pytest.raises(ValueError, match="not a TLRAdamW state_dict.*'alpha'"):
+        opt.load_state_dict(adamw.state_dict())
+    w.grad = torch.ones(3)
+    opt.step()  # still steps
+    assert not torch.equal(w, torch.ones(3))
+
+
+def test_a_scheduler_scales_a_tensor_lr_too():
+    """A tensor lr is updated in place by schedulers: the step must follow lr / initial_lr."""
+    a = torch.ones(4, requires_grad=True)
+    b = torch.ones(4, requires_grad=True)
+    opt = TLRAdamW([a], lr=torch.tensor(2.0 ** -6), window=100)
+    plain = TLRAdamW([b], lr=2.0 ** -6, window=100)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    plain_sched = torch.optim.lr_scheduler.StepLR(plain, step_size=1, gamma=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        grad = torch.randn(4, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        plain.step()
+        sched.step()
+        plain_sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(2.0 ** -10)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

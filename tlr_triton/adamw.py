@@ -24,6 +24,7 @@ from .optimizer import check_hyperparameters, initial_alpha, schedule_factor
 __all__ = ["TLRAdamW"]
 
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
+_HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope")
 
 
 def _check(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope) -> None:
@@ -70,12 +71,13 @@ class TLRAdamW(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check(*(merged[k] for k in _HYPER))  # before torch adds the group: a refused group is not kept
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check(*(group[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window",
-                                    "scope")))
         group["betas"] = tuple(group["betas"])
-        group.setdefault("initial_lr", group["lr"])
+        # a tensor lr is updated in place by schedulers: the start is a copy of its own
+        group.setdefault("initial_lr", group["lr"].detach().clone() if isinstance(group["lr"], Tensor) else group["lr"])
         group.setdefault("step", 0)  # host counter: fixed windows are scheduled on the host, no sync
         device = group["params"][0].device if group["params"] else torch.device("cpu")
         group["alpha"] = torch.tensor(initial_alpha(group["lr"]), dtype=torch.float32, device=device)
@@ -84,6 +86,12 @@ class TLRAdamW(Optimizer):
         """torch's loader casts floating-point state to the parameter's dtype (which would round the
         fp32 state of bf16 parameters): these entries are put back in their own dtype here."""
         state_dict = dict(state_dict)
+        for index, group in enumerate(state_dict.get("param_groups", [])):  # checked before anything is replaced
+            missing = [k for k in _HYPER + ("alpha", "step", "initial_lr") if k not in group]
+            if missing:
+                raise ValueError(f"not a TLRAdamW state_dict: param group {index} has no "
+                                 f"{', '.join(map(repr, missing))} (its keys: {sorted(k for k in group if k != 'params')})")
+            _check(*(group[k] for k in _HYPER))
         kept, state = {}, {}
         for key, entry in state_dict["state"].items():
             entry = dict(entry)
