@@ -1,7 +1,7 @@
 """A first look at TLR for AdamW (docs/adamw.md): the float64 reference against AdamW, one seed.
 
     python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm] [--window W] [--bound C]
-                                     [--lrs 1e-4 1e-3 1e-2] [--only-tlr]
+                                     [--lrs 1e-4 1e-3 1e-2] [--seeds 0 1 2] [--only-tlr] [--cosine] [--fast]
 
 Trains the bench/experiments.py tasks (digits MLP, batch 64; the character transformer,
 batch 32) with ``torch.optim.AdamW`` at lr ∈ {1e-4, 1e-3, 1e-2} and ``ReferenceTLRAdamW``
@@ -14,6 +14,7 @@ reference is slow and has no adaptive window yet.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,14 +23,17 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.experiments import CharLM, Digits  # noqa: E402
+from tlr_triton import TLRAdamW  # noqa: E402
 from tlr_triton.reference import ReferenceTLRAdamW  # noqa: E402
 
 BATCH = {"digits": 64, "charlm": 32}
 
 
-def train(task, build, epochs: int, batch: int, seed: int = 0):
+def train(task, build, epochs: int, batch: int, seed: int = 0, cosine: bool = False):
     model = task.model(seed)
     opt = build(model.parameters())
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * task.steps_per_epoch(batch))
+             if cosine else None)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for xb, yb in task.batches(batch, gen):
@@ -37,8 +41,18 @@ def train(task, build, epochs: int, batch: int, seed: int = 0):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
     loss, metric = task.evaluate(model)
-    return loss, metric, opt.param_groups[0].get("alpha")
+    alpha = opt.param_groups[0].get("alpha")
+    return loss, metric, float(alpha) if alpha is not None else None
+
+
+def _cell(values, fmt):
+    """One seed: the value; several: mean [min–max]."""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
 
 
 def main() -> None:
@@ -48,9 +62,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, help="TLR's window in steps (default: a third of an epoch)")
     ap.add_argument("--bound", type=float, default=0.25, help="TLR's bound c")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only-tlr", action="store_true", help="skip AdamW")
+    ap.add_argument("--cosine", action="store_true", help="also AdamW with a cosine schedule to 0")
+    ap.add_argument("--fast", action="store_true", help="TLRAdamW (the PyTorch path) instead of the float64 reference")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    tlr_class = TLRAdamW if args.fast else ReferenceTLRAdamW
+    print(f"seeds {args.seeds}, {args.epochs} epochs; several seeds: mean [min–max]\n")
     print("| task | optimizer | lr / α0 | train loss | test metric | final α |")
     print("|---|---|---:|---:|---:|---:|")
     for name in args.tasks:
@@ -58,17 +77,21 @@ def main() -> None:
         batch = BATCH[name]
         window = args.window or max(1, round(0.33 * task.steps_per_epoch(batch)))
         for lr in args.lrs:
-            runs = [] if args.only_tlr else [("AdamW", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2))]
-            runs.append((f"TLR-AdamW (window {window}, c {args.bound:g})",
-                         lambda ps, lr=lr: ReferenceTLRAdamW(ps, lr=lr, weight_decay=1e-2, window=window,
-                                                             bound=args.bound)))
-            for label, build in runs:
+            runs = [] if args.only_tlr else [("AdamW", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2),
+                                              False)]
+            if args.cosine and not args.only_tlr:
+                runs.append(("AdamW, cosine", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2), True))
+            runs.append((f"{'TLRAdamW' if args.fast else 'TLR-AdamW'} (window {window}, c {args.bound:g})",
+                         lambda ps, lr=lr: tlr_class(ps, lr=lr, weight_decay=1e-2, window=window, bound=args.bound),
+                         False))
+            for label, build, cosine in runs:
                 t = time.perf_counter()
-                loss, metric, alpha = train(task, build, args.epochs, batch)
-                metric = f"{metric:.3f}" if name == "digits" else f"{metric:.2f} ppl"
-                alpha = f"{alpha:.2e}" if alpha is not None else ""
-                print(f"| {name} | {label} | {lr:g} | {loss:.4f} | {metric} | {alpha} |  <!-- {time.perf_counter() - t:.0f} s -->",
-                      flush=True)
+                results = [train(task, build, args.epochs, batch, seed, cosine) for seed in args.seeds]
+                losses, metrics, alphas = zip(*results)
+                metric = _cell(metrics, "{:.3f}") if name == "digits" else _cell(metrics, "{:.2f}") + " ppl"
+                alpha = _cell(alphas, "{:.2e}") if alphas[0] is not None else ""
+                print(f"| {name} | {label} | {lr:g} | {_cell(losses, '{:.4f}')} | {metric} | {alpha} |  "
+                      f"<!-- {time.perf_counter() - t:.0f} s -->", flush=True)
 
 
 if __name__ == "__main__":
