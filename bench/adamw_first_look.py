@@ -2,6 +2,11 @@
 
     python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm] [--window W] [--bound C]
                                      [--lrs 1e-4 1e-3 1e-2] [--seeds 0 1 2] [--only-tlr] [--cosine] [--fast]
+                                     [--peers] [--only-peers]
+
+``--peers`` adds the learning-rate-free peers (``pip install -e '.[peers]'``), each started
+from the same guesses: Prodigy and D-Adaptation Adam with d0 = α0 (their initial step-size
+estimate; lr = 1, decoupled weight decay), Schedule-Free AdamW with lr = α0.
 
 Trains the bench/experiments.py tasks (digits MLP, batch 64; the character transformer,
 batch 32) with ``torch.optim.AdamW`` at lr ∈ {1e-4, 1e-3, 1e-2} and ``ReferenceTLRAdamW``
@@ -32,6 +37,8 @@ BATCH = {"digits": 64, "charlm": 32}
 def train(task, build, epochs: int, batch: int, seed: int = 0, cosine: bool = False):
     model = task.model(seed)
     opt = build(model.parameters())
+    if hasattr(opt, "train") and hasattr(opt, "eval"):  # Schedule-Free: its own train/eval weights
+        opt.train()
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * task.steps_per_epoch(batch))
              if cosine else None)
     gen = torch.Generator().manual_seed(seed)
@@ -43,9 +50,24 @@ def train(task, build, epochs: int, batch: int, seed: int = 0, cosine: bool = Fa
             opt.step()
             if sched is not None:
                 sched.step()
+    if hasattr(opt, "train") and hasattr(opt, "eval"):
+        opt.eval()
     loss, metric = task.evaluate(model)
     alpha = opt.param_groups[0].get("alpha")
     return loss, metric, float(alpha) if alpha is not None else None
+
+
+def _peers(guess: float):
+    """The learning-rate-free peers, started from ``guess`` (see the module docstring)."""
+    import schedulefree
+    from dadaptation import DAdaptAdam
+    from prodigyopt import Prodigy
+
+    return [("Prodigy (d0)", lambda ps: Prodigy(ps, lr=1.0, d0=guess, weight_decay=1e-2, decouple=True), False),
+            ("D-Adaptation Adam (d0)", lambda ps: DAdaptAdam(ps, lr=1.0, d0=guess, weight_decay=1e-2, decouple=True),
+             False),
+            ("Schedule-Free AdamW (lr)", lambda ps: schedulefree.AdamWScheduleFree(ps, lr=guess, weight_decay=1e-2),
+             False)]
 
 
 def _cell(values, fmt):
@@ -66,6 +88,8 @@ def main() -> None:
     ap.add_argument("--only-tlr", action="store_true", help="skip AdamW")
     ap.add_argument("--cosine", action="store_true", help="also AdamW with a cosine schedule to 0")
     ap.add_argument("--fast", action="store_true", help="TLRAdamW (the PyTorch path) instead of the float64 reference")
+    ap.add_argument("--peers", action="store_true", help="also Prodigy, D-Adaptation Adam, Schedule-Free AdamW")
+    ap.add_argument("--only-peers", action="store_true", help="the peers alone")
     args = ap.parse_args()
     torch.set_num_threads(2)
     tlr_class = TLRAdamW if args.fast else ReferenceTLRAdamW
@@ -84,6 +108,10 @@ def main() -> None:
             runs.append((f"{'TLRAdamW' if args.fast else 'TLR-AdamW'} (window {window}, c {args.bound:g})",
                          lambda ps, lr=lr: tlr_class(ps, lr=lr, weight_decay=1e-2, window=window, bound=args.bound),
                          False))
+            if args.only_peers:
+                runs = []
+            if args.peers or args.only_peers:
+                runs += _peers(lr)
             for label, build, cosine in runs:
                 t = time.perf_counter()
                 results = [train(task, build, args.epochs, batch, seed, cosine) for seed in args.seeds]
