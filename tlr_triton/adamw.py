@@ -21,20 +21,20 @@ from torch.optim import Optimizer
 from . import functional
 from .optimizer import check_hyperparameters, initial_alpha, schedule_factor
 
-__all__ = ["TLRAdamW"]
+__all__ = ["TLRAdamW", "check_adamw_arguments"]
 
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope")
 
 
-def _check(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope) -> None:
+def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope) -> None:
     """Raise ValueError/TypeError naming the first invalid argument."""
     initial_alpha(lr)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas: {betas!r} (expected two numbers)")
     for i, beta in enumerate(betas):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (expected 0 <= beta < 1)")
+            raise ValueError(f"Invalid betas: beta parameter at index {i} is {beta!r} (expected 0 <= beta < 1)")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"Invalid epsilon value: {eps!r} (expected a finite number >= 0)")
     if not isinstance(amsgrad, bool):
@@ -65,14 +65,14 @@ class TLRAdamW(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int = 3,
                  scope: str = "group") -> None:
-        _check(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
+        check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, bound=bound, window=window, scope=scope)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        _check(*(merged[k] for k in _HYPER))  # before torch adds the group: a refused group is not kept
+        check_adamw_arguments(*(merged[k] for k in _HYPER))  # before torch adds the group: a refused group is not kept
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
@@ -91,7 +91,7 @@ class TLRAdamW(Optimizer):
             if missing:
                 raise ValueError(f"not a TLRAdamW state_dict: param group {index} has no "
                                  f"{', '.join(map(repr, missing))} (its keys: {sorted(k for k in group if k != 'params')})")
-            _check(*(group[k] for k in _HYPER))
+            check_adamw_arguments(*(group[k] for k in _HYPER))
         kept, state = {}, {}
         for key, entry in state_dict["state"].items():
             entry = dict(entry)

@@ -17,6 +17,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from .adamw import check_adamw_arguments
 from .optimizer import (DECAY_SHARE, DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH,
                         MOVE_FLOOR, check_hyperparameters, window_schedule)
 
@@ -215,17 +216,9 @@ class ReferenceTLRAdamW(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, bound=0.25, window=3, scope="group", statistic="gradient"):
-        if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
-            raise ValueError(f"Invalid window: {window!r} (ReferenceTLRAdamW takes a fixed window of >= 1 steps)")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Invalid betas: {betas!r} (each in [0, 1))")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+        check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
         if statistic not in ("gradient", "direction"):
             raise ValueError(f"Invalid statistic: {statistic!r} (expected 'gradient' or 'direction')")
-        check_hyperparameters(lr=lr, momentum=0.0, dampening=0.0, weight_decay=weight_decay, nesterov=False,
-                              bound=bound, window=window, max_window=None, window_reset=DEFAULT_WINDOW_RESET,
-                              blowup_ratio=None, scope=scope, statistic=statistic, maximize=maximize)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, bound=bound, window=window, scope=scope, statistic=statistic)
         super().__init__(params, defaults)
