@@ -30,6 +30,7 @@ def inner() -> None:
     import torch
 
     sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from step_cost import held  # the default's window held at k units, as in the other benches
     from tlr_triton import TLR
 
     torch.manual_seed(0)
@@ -37,9 +38,8 @@ def inner() -> None:
     w.grad = torch.randn_like(w) * 1e-3
     sgd = torch.optim.SGD([w], lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=True)
     fixed = TLR([w], lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, window=4, backend="triton")
-    guarded = TLR([w], lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton")
-    for group in guarded.param_groups:  # the default window held long: unit ends without closings
-        group["window_reset"], group["max_window"], group["window_state"] = 1e30, 48, torch.tensor([0, 16])
+    # the default window held at 16 units (48 steps): unit ends without closings
+    guarded = held(TLR([w], lr=1e-3, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton"), 16)
     sgd.step()
     for _ in range(4):  # past the first step (its momentum rule differs) and one whole window
         fixed.step()
