@@ -1,8 +1,9 @@
 """Triton kernels for one TLR step over every tensor of a (device, dtype) bucket.
 
 One step of one param group is four launches (three with one α for the group, the
-default), always the same ones, so that a CUDA graph can capture them; whether the step closes a window is decided on the device from
-the group's step counter and window state (units of W0 steps so far, length k):
+default), always the same ones, so that a CUDA graph can capture them; whether the step
+closes a window is decided on the device from the group's step counter and window state
+(units of W0 steps so far, length k):
 
 1. ``tlr_step_kernel``, one program per block of BLOCK elements of any tensor:
    direction (weight decay, momentum, nesterov, maximize), window statistic and, on an
