@@ -406,8 +406,8 @@ def tlr(
             at the initial α, 0 holds α until a first such window), updated in place. At
             every unit's end, if ‖A‖² per unit of the window so far exceeds
             ``config.blowup_ratio`` times the larger of the two, the window closes after this
-            step's move (a scheduled closing comes first, as always), k becomes 1 and every α's factor is at most
-            1/(1 + √q), q that ratio. At every closing, if ⟨A, P⟩ < 0 while Σ‖w‖² (before
+            step's move (a scheduled closing comes first, as always), k becomes 1 and every
+            α's factor is at most 1/(1 + √q), q that ratio. At every closing, if ⟨A, P⟩ < 0 while Σ‖w‖² (before
             this step's move) has grown more than ``GROWTH`` times since the last closing
             and ‖A‖² per unit exceeds the last window's, every α's factor is also at most
             1/(1 + √q), q that growth, and k becomes 1. Both tests count only where
@@ -478,7 +478,8 @@ def _kernels_launch():
 def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
                 window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
                 flat_windows) -> None:
-    """``tlr`` on the Triton path (``tlr_triton.kernels``): four launches, nothing read on the host."""
+    """``tlr`` on the Triton path (``tlr_triton.kernels``): three launches (four with one α per
+    tensor), nothing read on the host."""
     if shard_group is not None:
         raise NotImplementedError("shard_group is implemented on the PyTorch path only; use backend='torch'")
     launch = _kernels_launch()
