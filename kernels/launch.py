@@ -159,17 +159,15 @@ def _picker(idx: list[int]):
     return lambda xs: list(get(xs))
 
 
-def _scope_table(device, scope, nblks, part_offsets, alpha_ptrs):
-    """int64 [3, n_scopes]: first block, end block and α address of each scope."""
-    if scope == "group":
-        starts, ends = [0], [part_offsets[-1] + sum(nblks[-1])]
-    else:
-        starts, ends = [], []
-        for off, nblk in zip(part_offsets, nblks):
-            for k in nblk:
-                starts.append(off)
-                off += k
-                ends.append(off)
+def _scope_table(device, nblks, part_offsets, alpha_ptrs):
+    """int64 [3, n_tensors]: first block, end block and α address of each tensor (the α kernel's
+    scopes with one α per tensor; a group's one α is the window kernel's, given directly)."""
+    starts, ends = [], []
+    for off, nblk in zip(part_offsets, nblks):
+        for k in nblk:
+            starts.append(off)
+            off += k
+            ends.append(off)
     return torch.tensor([starts, ends, alpha_ptrs], dtype=torch.int64).to(device, non_blocking=True)
 
 
@@ -269,8 +267,6 @@ def tlr_triton_step(
         total += n_blocks
         if scope == "tensor":
             alpha_ptrs += a_ptrs
-    if scope == "group":
-        alpha_ptrs = [alphas[0].data_ptr()]
 
     def build_group():
         width = max(total, 1)
@@ -280,7 +276,7 @@ def tlr_triton_step(
         floats = torch.zeros(2 + 5 * width, dtype=torch.float64, device=device)
         cut, part = floats[:2], floats[2:].view(5, width)
         flag = torch.zeros((), dtype=torch.int32, device=device)   # the window kernel's decision
-        return part, flag, cut, _scope_table(device, scope, nblks, part_offsets, alpha_ptrs)
+        return part, flag, cut, (_scope_table(device, nblks, part_offsets, alpha_ptrs) if scope == "tensor" else None)
 
     # The group's tables depend on its buckets' alone (their layouts and α addresses, in order).
     # With a state token they are keyed on it and the layout, so that the partials' row 3 (the α
