@@ -45,3 +45,31 @@ def forbid_host_reads(monkeypatch):
         monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
 
     return install
+
+
+@pytest.fixture(params=["fused", "torch-ops"])
+def cpu_step(request, monkeypatch):
+    """Each CPU implementation of the PyTorch path's step in turn: the fused C++ step
+    (``tlr_triton.kernels.cpu``, built on first use) and torch's own ops, which run wherever
+    it cannot be built (tests/test_cpu_step.py fails where a compiler exists and it does not build)."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(functional, "_cpu_extension", lambda: None)
+    elif functional._cpu_extension() is None:
+        pytest.skip("the fused CPU step cannot be built here")
+    return request.param
+
+
+PATHS = ["cpu-fused", "cpu-torch-ops", "device-masked"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """The PyTorch path's three ways of deciding a window: on the CPU's host with the fused
+    C++ step or with torch's ops, and the GPU's device-masked code (run on the CPU)."""
+    if request.param == "cpu-torch-ops":
+        monkeypatch.setattr(functional, "_cpu_extension", lambda: None)
+    elif request.param == "device-masked":
+        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
+    elif functional._cpu_extension() is None:
+        pytest.skip("the fused CPU step cannot be built here")
+    return request.param

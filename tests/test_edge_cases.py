@@ -196,10 +196,14 @@ def test_group_lr_set_by_hand_scales_the_trained_alpha():
 
 
 def test_cpu_fused_move_takes_only_tensors_above_torchs_grain(monkeypatch):
-    """On the CPU the weights move with torch's fused SGD kernel, which splits even a tiny
-    tensor over the threads (a barrier per tensor: seconds per step when the cores are
-    shared). Tensors below torch's grain size take the foreach path instead, whose ops keep
-    them on one thread; both agree with torch's SGD while α is constant."""
+    """Where the fused C++ step cannot be built, the weights move with torch's fused SGD
+    kernel, which splits even a tiny tensor over the threads (a barrier per tensor: seconds
+    per step when the cores are shared). Tensors below torch's grain size take the foreach
+    path instead, whose ops keep them on one thread; both agree with torch's SGD while α is
+    constant."""
+    from tlr_triton import functional
+
+    monkeypatch.setattr(functional, "_cpu_extension", lambda: None)
     real = torch._fused_sgd_
     calls = []
 

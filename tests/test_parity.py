@@ -25,7 +25,7 @@ MATRIX = list(
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("scope,statistic,window,mom,wd,maximize", MATRIX)
-def test_matches_reference(dtype, scope, statistic, window, mom, wd, maximize):
+def test_matches_reference(cpu_step, dtype, scope, statistic, window, mom, wd, maximize):
     rtol, atol = TOLERANCES[dtype]
     lockstep(
         [{}],
@@ -44,7 +44,7 @@ def test_matches_reference(dtype, scope, statistic, window, mom, wd, maximize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_param_groups_with_different_settings(dtype):
+def test_param_groups_with_different_settings(cpu_step, dtype):
     rtol, atol = TOLERANCES[dtype]
     groups = [
         dict(lr=0.1, momentum=0.9, nesterov=True, window=2, scope="tensor"),
@@ -69,7 +69,7 @@ def test_group_whose_lr_is_set_to_zero_leaves_its_params_unchanged():
     assert all(not torch.equal(p, q) for p, q in zip(moving, moving_before) if p.numel())
 
 
-def test_grads_missing_on_some_steps_and_frozen_then_unfrozen():
+def test_grads_missing_on_some_steps_and_frozen_then_unfrozen(cpu_step):
     # parameter 0 is frozen for steps 0-3, parameter 2 misses every third step
     def skip(t):
         return ({0} if t < 4 else set()) | ({2} if t % 3 == 0 else set())
@@ -89,7 +89,7 @@ ADAPTIVE = list(itertools.product(["group", "tensor"], ["gradient", "direction"]
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("scope,statistic,mom", ADAPTIVE)
-def test_adaptive_window_matches_reference(dtype, scope, statistic, mom):
+def test_adaptive_window_matches_reference(cpu_step, dtype, scope, statistic, mom):
     """Windows of k units (1..4 units of 2 steps): lengths, closings and α agree with the reference."""
     rtol, atol = TOLERANCES[dtype]
     lengths = []
@@ -103,7 +103,7 @@ def test_adaptive_window_matches_reference(dtype, scope, statistic, mom):
     assert any(a > 1 and b == 1 for a, b in zip(lengths, lengths[1:])), lengths
 
 
-def test_default_window_is_adaptive_and_matches_reference():
+def test_default_window_is_adaptive_and_matches_reference(cpu_step):
     """window="auto" (W0 = 3, up to 48 steps) over 90 steps."""
     opt, ref, _, _ = lockstep([{}], steps=90, lr=0.02, momentum=0.8, weight_decay=5e-4)
     assert opt.param_groups[0]["window"] == "auto"
@@ -123,17 +123,12 @@ def _blowup_run(lr=0.05, **cfg):
     return log
 
 
-@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(scope="tensor", statistic="direction", momentum=0.5),
                                  dict(momentum=0.9, nesterov=True, weight_decay=1e-2)])
-def test_blowup_guard_closes_the_window_within_one_unit_and_cuts_alpha(host_reads, cfg, monkeypatch):
+def test_blowup_guard_closes_the_window_within_one_unit_and_cuts_alpha(path, cfg, monkeypatch):
     """The step after the jump's first unit ends, the window is closed (k = 1) and α is at most
     1/(1 + √16) = 0.2 of itself; the reference agrees at every step, on the CPU's host-decided path
     and on the GPU's device-masked one."""
-    from tlr_triton import functional
-
-    if not host_reads:
-        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
     log = _blowup_run(**cfg)
     before = [entry for entry in log if entry[0] <= 41]
     assert max(k for _, (_, k), _ in before) >= 3  # the window had grown ...
@@ -143,17 +138,14 @@ def test_blowup_guard_closes_the_window_within_one_unit_and_cuts_alpha(host_read
         assert alpha <= 0.2 * before[-1][2]
 
 
-@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(scope="tensor", momentum=0.9)])
-def test_blowup_guard_ignores_a_jump_under_steps_too_small_to_move_the_weights(host_reads, cfg, monkeypatch):
+def test_blowup_guard_ignores_a_jump_under_steps_too_small_to_move_the_weights(path, cfg, monkeypatch):
     """The same 30-fold jump with α = 1e-6: α·‖A‖ per unit is far below MOVE_FLOOR·‖w‖, so the
     guard does not trip (the window stays open, α is not cut: a gradient spike under a tiny α
     used to cut it again and again, towards 1e-37); both paths agree with the reference at every
     step. With MOVE_FLOOR = 0 the same run trips at the end of the jump's first unit."""
     from tlr_triton import functional, reference
 
-    if not host_reads:
-        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
     log = _blowup_run(lr=1e-6, **cfg)
     before = log[40][2]
     step, (done, k), alpha = log[41]  # after the step that ends the jump's first unit
@@ -182,19 +174,16 @@ def _growth_run(**cfg):
     return alphas
 
 
-@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, scope="tensor"),
                                  dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
                                  dict(momentum=0.9, blowup_ratio=1e6)])
-def test_blowup_guard_growth_test_matches_reference(host_reads, cfg, monkeypatch):
+def test_blowup_guard_growth_test_matches_reference(path, cfg, monkeypatch):
     """The guard's growth test (⟨A, P⟩ < 0, ‖A‖² per unit rising, Σ‖w‖² more than doubled since
     the last closing) trips in these runs, and both paths agree with the reference at every
     step; with the test turned off (GROWTH = inf in the reference and the PyTorch path) α
     differs. With the ‖A‖² test out of reach (ratio 1e6) the growth test alone cuts α."""
     from tlr_triton import functional, reference
 
-    if not host_reads:
-        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
     with_test = _growth_run(**cfg)
     monkeypatch.setattr(functional, "GROWTH", float("inf"))
     monkeypatch.setattr(reference, "GROWTH", float("inf"))
@@ -222,10 +211,9 @@ def _decay_run(**cfg):
     return alphas
 
 
-@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-host-decision", "device-masked"])
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9), dict(momentum=0.9, scope="tensor"),
                                  dict(momentum=0.9, nesterov=True)])
-def test_blowup_guard_decay_test_matches_reference(host_reads, cfg, monkeypatch):
+def test_blowup_guard_decay_test_matches_reference(path, cfg, monkeypatch):
     """The guard's decay test: once the windows are weight decay alone (‖A - λ·n·w‖ <= DECAY_SHARE·‖A‖),
     no α grows past the largest α that a window with a live data term moved with; both paths agree
     with the reference at every step. With the test turned off (DECAY_SHARE = 0: the weights move
@@ -233,8 +221,6 @@ def test_blowup_guard_decay_test_matches_reference(host_reads, cfg, monkeypatch)
     pull alone."""
     from tlr_triton import functional, reference
 
-    if not host_reads:
-        monkeypatch.setattr(functional, "host_reads_free", lambda device: False)
     with_test = _decay_run(**cfg)
     peak = max(with_test[:24])  # the data term's windows (the last one closes by step 24)
     assert peak > 0.02  # α grew while the data term was live

@@ -540,6 +540,16 @@ def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, a
     scope, bound, window, units = config.scope, config.bound, config.window, config.units
     # Fixed windows: this step closes one. Adaptive: it ends a unit, and the window's state decides.
     closes_window = (step + 1) % window == 0
+    # On the CPU, one α and no collective: the window's scalars are read and computed on
+    # the host (free there), a few tensor operations instead of some seventy small ones.
+    host = len(alphas) == 1 and shard_group is None and bool(window_sums) and host_reads_free(alphas[0].device)
+    if host and _cpu_kernel_fits(params, grads, window_sums, prev_window_sums):
+        ext = _cpu_extension()
+        if ext is not None:
+            _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums, alphas[0], config,
+                     unit_end=closes_window, window_state=window_state, window_energy=window_energy,
+                     lr_factor=lr_factor, flats=_flat_roles(flat_windows, window_sums))
+            return
     kw = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
     sign = -1.0 if maximize else 1.0
     sums_u = config.statistic == "gradient" or momentum == 0  # A sums u, known before momentum
@@ -593,9 +603,6 @@ def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, a
             return _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group, window_state,
                                       sharded_tensors, params if config.guarded else None)
 
-        # On the CPU, one α and no collective: the window's scalars are read and computed on
-        # the host (free there), a few tensor operations instead of some seventy small ones.
-        host = len(alphas) == 1 and shard_group is None and bool(window_sums) and host_reads_free(alphas[0].device)
         flats = _flat_roles(flat_windows, window_sums) if host else None
         if units > 1:
             # ‖A‖² alone (the guard's test) is cheaper where the decision is read on the host
@@ -614,6 +621,92 @@ def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, a
             _close_window(statistics(), window_sums, prev_window_sums, bound)
     for work in before + movers + after:
         work()
+
+
+def _cpu_extension():
+    """The fused CPU step (``tlr_triton.kernels.cpu``), or None where it cannot be built."""
+    from tlr_triton.kernels import cpu
+
+    return cpu.extension()
+
+
+def _cpu_kernel_fits(params, grads, window_sums, prev_window_sums) -> bool:
+    """Whether the fused CPU step (``_tlr_cpu``) takes these tensors: dense, contiguous CPU
+    float32/float64 tensors, gradients, A and P of their parameter's dtype. (bf16/fp16
+    weights, whose state is fp32, take torch's ops.)"""
+    return all(
+        p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
+        and g.layout == torch.strided and g.dtype == p.dtype and g.is_contiguous()
+        and a.dtype == p.dtype and q.dtype == p.dtype
+        for p, g, a, q in zip(params, grads, window_sums, prev_window_sums)
+    )
+
+
+def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums, alpha, config, *, unit_end,
+             window_state, window_energy, lr_factor, flats) -> None:
+    """``_tlr_torch`` on the CPU for one α, in the fused C++ step (kernels/cpu_step.cpp).
+
+    An ordinary step is one pass per tensor: u, the momentum buffer, A and the move. A unit's
+    end takes the group's ⟨A, P⟩, ‖A‖², Σ‖w‖² and Σ⟨A, w⟩ in the same pass (A after this
+    step's term, w before the move), decides the window on the host (``_host_unit_end``,
+    ``_host_close``: the same decisions as the other paths), and then moves the weights with
+    the α so decided, in a second pass. Tensors of each dtype go in one call."""
+    momentum = config.momentum
+    sign = -1.0 if config.maximize else 1.0
+    sums_u = config.statistic == "gradient" or momentum == 0
+    first = [False] * len(params)
+    if momentum != 0:
+        for i, b in enumerate(momentum_buffers):
+            if b is None:  # b = u on a tensor's first step: the kernel writes it
+                momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                first[i] = True
+    bufs = momentum_buffers if momentum != 0 else []
+    if all(p.dtype == params[0].dtype for p in params):
+        args = [(params, grads, bufs, window_sums, prev_window_sums, first)]
+    else:
+        args = [([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx] if bufs else [],
+                 [window_sums[i] for i in idx], [prev_window_sums[i] for i in idx], [first[i] for i in idx])
+                for idx in _buckets(params)]
+    scalars = (sign, config.weight_decay, momentum, config.dampening, config.nesterov)
+
+    def lr() -> float:
+        return float(alpha) * float(lr_factor)
+
+    if not unit_end:
+        for w, g, b, a, p, f in args:
+            ext.step(w, g, b, a, p, f, lr(), True, False, False, *scalars, sums_u)
+        return
+    # A scheduled closing changes α before this step's move: the move waits for the decision,
+    # and P, read for ⟨A, P⟩, is zeroed in the same pass (it becomes the next window's A).
+    # At any other unit's end α moves after the move, if at all (the guard's early closing),
+    # so the pass moves too, after taking its sums over the weights before the move.
+    closes = config.units == 1 or _scheduled_closing(window_state, config.units)
+    totals = [0.0] * 4
+    for w, g, b, a, p, f in args:
+        sums = ext.step(w, g, b, a, p, f, 0.0 if closes else lr(), not closes, True, closes, *scalars, sums_u)
+        totals = [x + y for x, y in zip(totals, sums)]
+    dot, sq = totals[0], totals[1]
+    if config.units > 1:
+        before, after = _host_unit_end(config, lambda: sq, window_sums, prev_window_sums, alpha, window_state,
+                                       window_energy, params, config.weight_decay if sums_u else 0.0, flats,
+                                       totals=totals, zeroed=closes)
+    else:
+        before, after = [lambda: _host_close(window_sums, prev_window_sums, alpha, config.bound, (dot, sq),
+                                             zeroed=True)], []
+
+    def move():
+        rate = lr()
+        for w, g, b, *_ in args:
+            ext.move(w, g, b, rate, sign, config.weight_decay, momentum, config.nesterov)
+
+    for work in before + ([move] if closes else []) + after:
+        work()
+
+
+def _scheduled_closing(window_state: Tensor, units: int) -> bool:
+    """Whether the adaptive window closes at this unit's end whatever the guard says (CPU: read on the host)."""
+    done, k = window_state.tolist()
+    return done + 1 >= min(k, units)
 
 
 def _window_statistics(buckets, window_sums, prev_window_sums, alphas, scope, shard_group=None, window_state=None,
@@ -716,9 +809,12 @@ def _close_window(statistics, window_sums, prev_window_sums, bound, cut: Tensor 
 
 
 def _rotate_windows(window_sums: list[Tensor], prev_window_sums: list[Tensor],
-                    flats: tuple[Tensor, Tensor] | None = None) -> None:
-    """P ← A, A ← 0 by swapping the lists' entries (the old P, zeroed, becomes the new A)."""
-    if flats is not None:
+                    flats: tuple[Tensor, Tensor] | None = None, zeroed: bool = False) -> None:
+    """P ← A, A ← 0 by swapping the lists' entries (the old P, zeroed, becomes the new A;
+    ``zeroed``: the caller has zeroed it)."""
+    if zeroed:
+        pass
+    elif flats is not None:
         flats[1].zero_()
     elif prev_window_sums:
         torch._foreach_zero_(prev_window_sums)
@@ -784,14 +880,15 @@ def _host_factor(dot: float, sq: float, bound: float) -> float:
 
 
 def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, totals: tuple[float, float],
-                cut: float = math.inf, ceiling: float = math.inf, flats: tuple[Tensor, Tensor] | None = None) -> None:
+                cut: float = math.inf, ceiling: float = math.inf, flats: tuple[Tensor, Tensor] | None = None,
+                zeroed: bool = False) -> None:
     """``_close_window`` for one α on the CPU: α ← min(α·min(1 + r, cut), max(α, ceiling)) when
-    that stays a normal float32 (else α is kept), P ← A, A ← 0."""
+    that stays a normal float32 (else α is kept), P ← A, A ← 0 (``_rotate_windows``)."""
     old = float(alpha)
     new = min(old * min(_host_factor(*totals, bound), cut), max(old, ceiling))
     if math.isfinite(new) and _ALPHA_TINY <= new <= _ALPHA_MAX:
         alpha.fill_(new)
-    _rotate_windows(window_sums, prev_window_sums, flats)
+    _rotate_windows(window_sums, prev_window_sums, flats, zeroed)
 
 
 def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
@@ -810,9 +907,11 @@ def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
 
 
 def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window_state, window_energy, params,
-                   weight_decay, flats=None):
+                   weight_decay, flats=None, totals=None, zeroed=False):
     """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
-    (the reference's), in float64 instead of the window sums' dtype."""
+    (the reference's), in float64 instead of the window sums' dtype. ``totals``: the group's
+    [⟨A, P⟩, ‖A‖², Σ‖w‖², Σ⟨A, w⟩] where the caller has them (``_tlr_cpu``); ``zeroed``: P is
+    zeroed already if the window closes as scheduled (``_rotate_windows``)."""
     bound, units, window, window_reset, blowup_ratio = (config.bound, config.units, config.window,
                                                         config.window_reset, config.blowup_ratio)
     unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy)
@@ -821,13 +920,15 @@ def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window
     done, k, energies = unit
     reference = max(energies[:2])
     guarded = blowup_ratio is not None and reference > 0
-    dot, sq = _host_totals(window_sums, prev_window_sums, flats)
+    dot, sq = totals[:2] if totals is not None else _host_totals(window_sums, prev_window_sums, flats)
     energy = sq / done
     jump = guarded and energy > blowup_ratio * reference
     weights, moving, decays, peak = energies[2], False, False, energies[3]
     if blowup_ratio is not None and (jump or done >= k):  # the weights before this step's move
         # Σ⟨A, w⟩ only where the decay test can trip (weight decay, A summing u)
-        if flats is not None and done >= k:  # the window closes: P's buffer is free
+        if totals is not None:
+            weights, along = totals[2], (totals[3] if weight_decay > 0 else 0.0)
+        elif flats is not None and done >= k:  # the window closes: P's buffer is free
             weights, along = _flat_weights(params, prev_window_sums, flats, weight_decay > 0)
         else:
             weights = float(_weights_total(params, alpha.device))
@@ -847,7 +948,8 @@ def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window
     next_k = 1 if large or jump else min(k + 1, units)
 
     def close():
-        _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut, peak if decays else math.inf, flats)
+        _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut, peak if decays else math.inf, flats,
+                    zeroed and done >= k)
         window_state.copy_(torch.tensor([0, next_k]))
         if window_energy is not None:
             window_energy.copy_(torch.tensor([energy, energies[0], weights, peak], dtype=torch.float64))

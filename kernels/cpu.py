@@ -1,0 +1,68 @@
+"""TLR's fused CPU step (``cpu_step.cpp``), built on first use with torch's C++ extension tools.
+
+``extension()`` gives the compiled module, or None where it cannot be built (no C++ compiler,
+no ninja, or ``TLR_CPU_KERNEL=0`` in the environment): the PyTorch path then runs torch's own
+ops, with a warning that says why. The build takes about half a minute once; torch caches it
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and rebuilds it only when
+the source or the flags change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("cpu_step.cpp")
+_LOADED: list = []  # [module or None], once tried
+
+
+def _flags() -> list[str]:
+    """-O3, and AVX2/FMA where this CPU has them (not -march=native: a cached build may be
+    loaded on another machine sharing the home directory; the flags are part of torch's
+    cache key, so a machine without AVX2 gets its own build)."""
+    flags = ["-O3"]
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags
+    if " avx2" in cpu and " fma" in cpu:
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+@contextmanager
+def _ninja_on_path():
+    """torch's builder runs ``ninja`` from PATH; pip's ``ninja`` (a dependency) puts it beside the
+    interpreter, which is not on PATH when a virtual environment's python runs unactivated."""
+    old = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, old])
+        except (ImportError, AttributeError):
+            pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def extension():
+    """The compiled ``cpu_step`` module, or None (see the module docstring)."""
+    if not _LOADED:
+        module = None
+        if os.environ.get("TLR_CPU_KERNEL", "1") != "0":
+            try:
+                from torch.utils.cpp_extension import load
+
+                with _ninja_on_path():
+                    module = load(name="tlr_cpu_step", sources=[str(_SOURCE)], extra_cflags=_flags(), verbose=False)
+            except Exception as exc:  # noqa: BLE001 - any build failure means: use torch's ops
+                warnings.warn(f"tlr_triton: the fused CPU step could not be built ({type(exc).__name__}: {exc}); "
+                              "TLR runs on torch's own CPU ops (slower at a unit's end)", RuntimeWarning, stacklevel=3)
+        _LOADED.append(module)
+    return _LOADED[0]
