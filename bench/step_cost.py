@@ -12,7 +12,9 @@ blow-up guard testing every 3-step unit's end) with its window held at three len
 over whole windows: every unit closing its window (3 steps, the worst case), 6 steps, and
 its longest, 48 steps (16 units). Real runs sit near the short end:
 ``python bench/step_cost.py --windows`` trains the models of bench/experiments.py at the
-defaults and prints how many steps pass per closing (3.8–7.7 on 2026-12-04). ``--load N``
+defaults and prints how many steps pass per closing (3.8–7.7 on 2026-12-04). ``--cold`` evicts
+the caches before every step, outside the timed part, as a training step's forward and backward
+passes do (without it a round's steps find each other's data in the caches). ``--load N``
 starts N processes that multiply matrices on all cores (as data-loader workers would) for
 the whole measurement.
 
@@ -112,11 +114,19 @@ def _busy(threads: int) -> None:  # a load process: matrix products on every cor
         a = torch.tanh(a @ a)
 
 
-def measure(layout: str, rounds: int, budget_s: float) -> dict[str, float]:
+# Twice the development machine's last-level cache (32 MiB).
+_EVICT_BYTES = 64 << 20
+
+
+def measure(layout: str, rounds: int, budget_s: float, cold: bool = False) -> dict[str, float]:
     """Median ms per step of every optimizer, the optimizers taking turns round by round.
 
     An optimizer whose round takes longer than ``budget_s`` is not timed again (under
-    load, torch's fused CPU kernel can take seconds per step)."""
+    load, torch's fused CPU kernel can take seconds per step). ``cold``: before every step
+    (outside the timed part) a buffer of twice the last-level cache is written, as a
+    training step's forward and backward passes evict the optimizer's tensors; else a
+    round's steps run back to back and find each other's data in the caches."""
+    evict = torch.zeros(_EVICT_BYTES // 4) if cold else None
     g = torch.Generator().manual_seed(0)
     shapes = LAYOUTS[layout]()
     runs = {}
@@ -132,10 +142,19 @@ def measure(layout: str, rounds: int, budget_s: float) -> dict[str, float]:
         for name, (opt, steps, times) in runs.items():
             if times and times[-1] * steps / 1e3 > budget_s:
                 continue
-            start = time.perf_counter()
-            for _ in range(steps):
-                opt.step()
-            times.append((time.perf_counter() - start) / steps * 1e3)
+            if cold:
+                spent = 0.0
+                for _ in range(steps):
+                    evict.add_(1.0)
+                    start = time.perf_counter()
+                    opt.step()
+                    spent += time.perf_counter() - start
+            else:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    opt.step()
+                spent = time.perf_counter() - start
+            times.append(spent / steps * 1e3)
     return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
 
 
@@ -147,6 +166,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds after which an optimizer's rounds stop")
     parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown)")
     parser.add_argument("--windows", action="store_true", help="only print how often real default runs close a window")
+    parser.add_argument("--cold", action="store_true", help="evict the caches before every step (as a forward and "
+                        "backward pass does), outside the timed part")
     args = parser.parse_args()
     if args.windows:
         print(f"Steps per window closing of TLR at its defaults, 5 epochs, seed 0, {date.today()} "
@@ -164,8 +185,10 @@ def main() -> None:
             time.sleep(2.0)  # the load is running before the first round
         lines = [
             f"Step cost, {date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"CPU, {args.load} busy processes (`python bench/step_cost.py{f' --load {args.load}' if args.load else ''}`)",
-            "median ms per step over interleaved rounds; ratio to SGD foreach of the same rounds",
+            f"CPU, {args.load} busy processes (`python bench/step_cost.py{f' --load {args.load}' if args.load else ''}"
+            f"{' --cold' if args.cold else ''}`)",
+            "median ms per step over interleaved rounds; ratio to SGD foreach of the same rounds"
+            + ("; caches evicted before every step (outside the timing)" if args.cold else ""),
             "",
             "| layout | " + " | ".join(OPTIMIZERS) + " |",
             "|---|" + "---:|" * len(OPTIMIZERS),
@@ -173,7 +196,7 @@ def main() -> None:
         print("\n".join(lines), flush=True)
         for layout in args.layout or list(LAYOUTS):
             rounds = args.rounds or (5 if layout in ("1x10M", "1000x10k") else 30)
-            ms = measure(layout, rounds, args.budget)
+            ms = measure(layout, rounds, args.budget, args.cold)
             base = ms["SGD foreach"]
             cells = [f"{ms[n]:.3g} ms" if n == "SGD foreach" else f"{ms[n]:.3g} ms ({ms[n] / base:.2f}×)" for n in OPTIMIZERS]
             lines.append(f"| {layout} | " + " | ".join(cells) + " |")

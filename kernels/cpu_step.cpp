@@ -1,19 +1,24 @@
-// TLR's step on the CPU in one pass per tensor (PyTorch path, one α per group, its scalars read
-// on the host). Built on first use by kernels/cpu.py (torch.utils.cpp_extension); where it
-// cannot be built, the PyTorch path runs torch's own ops instead.
+// TLR's step on the CPU in one pass (PyTorch path, one α per group, its scalars read on the
+// host). Built on first use by kernels/cpu.py (torch.utils.cpp_extension); where it cannot
+// be built, the PyTorch path runs torch's own ops instead (functional._tlr_cpu calls this).
 //
-// Why: torch's CPU ops cannot fuse TLR's work. Its default (momentum, weight decay, A summing
-// u) cost torch's fused SGD kernel plus two foreach adds per step (44 bytes per parameter),
-// and at a unit's end four more reductions over A, P and w. Here an ordinary step is one pass
-// that reads w, g, b, A and writes w, b, A (28 bytes), and a unit's end computes ⟨A, P⟩, ‖A‖²,
-// ‖w‖² and ⟨A, w⟩ while the block is still in L1, defers the move until α is decided, and then
-// moves in a second, short pass (w -= α·d: 12 bytes).
+// Why: torch's CPU ops cannot fuse TLR's work. With them the default (momentum, weight decay,
+// A summing u) cost torch's fused SGD kernel plus two foreach adds per step (44 bytes per
+// parameter) and, at a unit's end, four more reductions over A, P and w. Here an ordinary step
+// is one pass that reads w, g, b, A and writes w, b, A (28 bytes). A unit's end takes ‖A‖²,
+// ‖w‖², ⟨A, w⟩ (and ⟨A, P⟩ where the window is scheduled to close) while each block is still in
+// L1. Where the window is not scheduled to close, α can only change after this step's move, so
+// the same pass moves too (28 bytes); at a scheduled closing the move waits for the host's
+// decision and comes in a second pass (w -= lr·d: 12 bytes), and the first zeroes P after
+// reading it (P becomes the next window's A): 44 bytes in all.
 //
 // Per element, in the parameters' precision, as SPEC and torch.optim.SGD:
-//   u = s·g + λ·w;  b = u on a tensor's first step, else μ·b + (1-τ)·u;  d = b, or u + μ·b (nesterov),
-//   or u without momentum;  A += u (statistic "gradient", or no momentum) or A += d;  w -= lr·d.
-// Sums: float lanes within a block of BLOCK elements, blocks added in double, the blocks' totals
-// in a fixed order, so that the result does not depend on the number of threads.
+//   u = s·g + λ·w (no λ·w term when λ = 0);  b = u on a tensor's first step, else μ·b + (1-τ)·u;
+//   d = b, or u + μ·b (nesterov), or u without momentum;  A += u (statistic "gradient", or no
+//   momentum) or A += d;  w -= lr·d.
+// Sums: vector partial sums within a block of BLOCK elements, each block's total added in
+// double, the chunks' totals in a fixed order, so that the result does not depend on the
+// number of threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,7 +29,6 @@ namespace {
 
 constexpr int64_t BLOCK = 1024;    // elements whose reductions are taken while they sit in L1
 constexpr int64_t CHUNK = 32768;   // a thread's share, torch's own grain size (at::internal::GRAIN_SIZE)
-constexpr int LANES = 16;          // independent partial sums: the compiler vectorises across them
 
 struct Scalars {
   double sign, lam, mu, damp, lr;
@@ -76,7 +80,7 @@ Update<T> pick(const Scalars& s, bool first, bool move) {
 // A block's [⟨A, P⟩, ‖A‖², ‖w‖², ⟨A, w⟩], added to out. GCC/Clang vector types keep the
 // partial sums in registers (two vectors per sum for independent chains); a plain array of
 // lanes was vectorised too but went through memory at every step (2× slower).
-template <typename T>
+template <typename T, bool WITH_P>
 void sums(const T* __restrict a, const T* __restrict p, const T* __restrict w, int64_t n, double* out) {
   typedef T V __attribute__((vector_size(32)));
   constexpr int L = sizeof(V) / sizeof(T);
@@ -86,9 +90,12 @@ void sums(const T* __restrict a, const T* __restrict p, const T* __restrict w, i
     for (int h = 0; h < 2; ++h) {
       V av, pv, wv;
       __builtin_memcpy(&av, a + i + h * L, sizeof(V));
-      __builtin_memcpy(&pv, p + i + h * L, sizeof(V));
       __builtin_memcpy(&wv, w + i + h * L, sizeof(V));
-      dot[h] += av * pv; sq[h] += av * av; ww[h] += wv * wv; aw[h] += av * wv;
+      if constexpr (WITH_P) {
+        __builtin_memcpy(&pv, p + i + h * L, sizeof(V));
+        dot[h] += av * pv;
+      }
+      sq[h] += av * av; ww[h] += wv * wv; aw[h] += av * wv;
     }
   }
   double t[4] = {0, 0, 0, 0};
@@ -97,7 +104,8 @@ void sums(const T* __restrict a, const T* __restrict p, const T* __restrict w, i
       t[0] += dot[h][j]; t[1] += sq[h][j]; t[2] += ww[h][j]; t[3] += aw[h][j];
     }
   for (; i < n; ++i) {
-    t[0] += a[i] * p[i]; t[1] += a[i] * a[i]; t[2] += w[i] * w[i]; t[3] += a[i] * w[i];
+    if constexpr (WITH_P) t[0] += a[i] * p[i];
+    t[1] += a[i] * a[i]; t[2] += w[i] * w[i]; t[3] += a[i] * w[i];
   }
   for (int k = 0; k < 4; ++k) out[k] += t[k];
 }
@@ -146,13 +154,14 @@ void run(const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& g, con
       const T* G = g[t].data_ptr<T>();
       T* B = s.has_momentum ? b[t].data_ptr<T>() : nullptr;
       T* A = mode.update ? a[t].data_ptr<T>() : nullptr;
-      T* P = mode.reduce ? p[t].data_ptr<T>() : nullptr;
+      T* P = mode.reduce && !p.empty() ? p[t].data_ptr<T>() : nullptr;
       // With the sums, the move waits for them: they read the weights before it.
       const Update<T> up = mode.update ? pick<T>(s, first[t], mode.move && !mode.reduce) : nullptr;
       for (int64_t i = lo; i < hi; i += BLOCK) {
         const int64_t n = std::min(BLOCK, hi - i);
         if (up) up(W + i, G + i, B ? B + i : nullptr, A + i, n, s);
-        if (mode.reduce) sums<T>(A + i, P + i, W + i, n, &part[4 * c]);
+        if (mode.reduce && P) sums<T, true>(A + i, P + i, W + i, n, &part[4 * c]);
+        if (mode.reduce && !P) sums<T, false>(A + i, nullptr, W + i, n, &part[4 * c]);
         if (mode.zero_p) std::fill(P + i, P + i + n, T(0));
         if (mode.move && (mode.reduce || !up)) move_block<T>(W + i, G + i, B ? B + i : nullptr, n, s);
       }
@@ -179,7 +188,7 @@ std::vector<double> dispatch(const std::vector<at::Tensor>& w, const std::vector
   check(w, g, "grads");
   if (s.has_momentum) check(w, b, "momentum buffers");
   if (mode.update) check(w, a, "window sums");
-  if (mode.reduce || mode.zero_p) check(w, p, "previous window sums");
+  if (mode.zero_p || (mode.reduce && !p.empty())) check(w, p, "previous window sums");
   TORCH_CHECK(!mode.update || first.size() == w.size(), "first: one flag per tensor");
   TORCH_CHECK(w.empty() || w[0].scalar_type() == at::kFloat || w[0].scalar_type() == at::kDouble,
               "float32 or float64 tensors, got ", w.empty() ? at::kFloat : w[0].scalar_type());
@@ -207,7 +216,8 @@ std::vector<double> dispatch(const std::vector<at::Tensor>& w, const std::vector
 // momentum buffers (b: empty without momentum; ``first``: tensors whose b is written as u),
 // A, and with ``move`` the weights (w -= lr·d). With ``reduce`` (a unit's end) it returns the
 // group's [⟨A, P⟩, ‖A‖², ‖w‖², ⟨A, w⟩], A after this step's term and w before the move (else
-// []); with ``zero_p`` it zeroes P after reading it (a closing: P becomes the next A).
+// []; ⟨A, P⟩ is 0 where ``p`` is empty: a unit's end that does not close reads P only if
+// the guard trips); with ``zero_p`` it zeroes P after reading it (a closing: P becomes the next A).
 std::vector<double> step(std::vector<at::Tensor> w, std::vector<at::Tensor> g, std::vector<at::Tensor> b,
                          std::vector<at::Tensor> a, std::vector<at::Tensor> p, std::vector<bool> first, double lr,
                          bool move, bool reduce, bool zero_p, double sign, double lam, double mu, double damp,

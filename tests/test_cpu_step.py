@@ -169,3 +169,36 @@ def test_the_environment_can_turn_the_fused_step_off(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu.extension() is None
+
+
+@needs_build
+def test_an_early_closing_takes_the_dot_that_the_pass_skipped(monkeypatch):
+    """A unit's end that is not scheduled to close leaves P unread; when the blow-up guard
+    closes the window there after all, ⟨A, P⟩ is taken then (``_host_dot``). The run is made
+    to trip mid-window and agrees with torch's ops."""
+    lazy = []
+    real = functional._host_dot
+    monkeypatch.setattr(functional, "_host_dot", lambda *a: lazy.append(1) or real(*a))
+
+    def run(fused):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(functional, "_cpu_extension", lambda: None)
+            gen = torch.Generator().manual_seed(0)
+            params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+            opt = TLR(params, lr=0.05, momentum=0.9, window=2, max_window=16, window_reset=0.1)
+            states = []
+            for t in range(60):
+                for p in params:  # noise until the window has grown, then 30 times larger
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * (30.0 if t >= 43 else 1.0)
+                opt.step()
+                states.append(opt.param_groups[0]["window_state"].tolist())
+            return params, opt, states
+
+    fused, fo, fs = run(True)
+    assert lazy, "the guard never closed a window early at an unscheduled unit end"
+    plain, po, ps = run(False)
+    assert fs == ps
+    torch.testing.assert_close(fo.param_groups[0]["alpha"], po.param_groups[0]["alpha"], rtol=1e-12, atol=0)
+    for p, q in zip(fused, plain):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

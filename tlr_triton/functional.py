@@ -680,11 +680,16 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
     # and P, read for ⟨A, P⟩, is zeroed in the same pass (it becomes the next window's A).
     # At any other unit's end α moves after the move, if at all (the guard's early closing),
     # so the pass moves too, after taking its sums over the weights before the move.
+    # Only a closing reads ⟨A, P⟩: elsewhere P is left unread (4 bytes per parameter) unless
+    # the guard trips (``_host_unit_end`` then takes the dot itself).
     closes = config.units == 1 or _scheduled_closing(window_state, config.units)
     totals = [0.0] * 4
     for w, g, b, a, p, f in args:
-        sums = ext.step(w, g, b, a, p, f, 0.0 if closes else lr(), not closes, True, closes, *scalars, sums_u)
+        sums = ext.step(w, g, b, a, p if closes else [], f, 0.0 if closes else lr(), not closes, True, closes,
+                        *scalars, sums_u)
         totals = [x + y for x, y in zip(totals, sums)]
+    if not closes:
+        totals[0] = None
     dot, sq = totals[0], totals[1]
     if config.units > 1:
         before, after = _host_unit_end(config, lambda: sq, window_sums, prev_window_sums, alpha, window_state,
@@ -872,6 +877,14 @@ def _host_totals(window_sums: list[Tensor], prev_window_sums: list[Tensor],
     return math.fsum(values[:n]), math.fsum(values[n:])
 
 
+def _host_dot(window_sums: list[Tensor], prev_window_sums: list[Tensor],
+              flats: tuple[Tensor, Tensor] | None = None) -> float:
+    """The group's Σ⟨A, P⟩ alone, read on the host (CPU only)."""
+    if flats is not None:
+        return _flat_dot(*flats)
+    return math.fsum(float(_dot(a, p)) for a, p in zip(window_sums, prev_window_sums))
+
+
 def _host_factor(dot: float, sq: float, bound: float) -> float:
     """``newton_factor`` on host floats."""
     denom = max(4.0 * (sq - dot), dot / bound)
@@ -941,6 +954,8 @@ def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window
     if done < k and not jump:  # the float64 total, or the steps' size, does not confirm the ‖A‖² test
         window_state[0] = done
         return [], []
+    if dot is None:  # the caller's pass did not read P: the window closes early, so take ⟨A, P⟩ now
+        dot = _host_dot(window_sums, prev_window_sums, flats)
     cut = 1.0 / (1.0 + math.sqrt(energy / reference)) if jump else math.inf
     if moving and energies[2] > 0 and dot < 0 and energy > energies[0] and weights > GROWTH * energies[2]:  # growth
         jump, cut = True, min(cut, 1.0 / (1.0 + math.sqrt(weights / energies[2])))
