@@ -6,6 +6,7 @@
   directions taken does (SPEC's "direction" lesson, for Adam).
 """
 
+import copy
 import math
 
 import pytest
@@ -315,3 +316,23 @@ def test_a_scheduler_scales_a_tensor_lr_too():
         plain_sched.step()
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(2.0 ** -10)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_copy_of_a_sharded_tlradamw_refuses_to_step_until_given_its_group():
+    """A process group is not copied: a deepcopy knows there was one and refuses to step alone
+    (its α would follow this rank's shard only) until ``shard_group`` is set again."""
+    w = torch.ones(3, requires_grad=True)
+    opt = TLRAdamW([w], lr=0.1, shard_group="a process group")  # never reached: no step on the original
+    dup = copy.deepcopy(opt)
+    assert dup.shard_group is None
+    twin_w = dup.param_groups[0]["params"][0]
+    twin_w.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="shard_group"):
+        dup.step()
+    assert torch.equal(twin_w, torch.ones(3))
+    dup.shard_group = None  # this process alone, knowingly
+    dup.step()
+    assert not torch.equal(twin_w, torch.ones(3))
+    plain = copy.deepcopy(TLRAdamW([torch.ones(2, requires_grad=True)], lr=0.1))
+    plain.param_groups[0]["params"][0].grad = torch.ones(2)
+    plain.step()  # no group, nothing lost

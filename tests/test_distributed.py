@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tlr_triton import TLR
+from tlr_triton import TLR, TLRAdamW
 
 STEPS = 14
 BATCH = 16
@@ -74,6 +74,7 @@ def _worker(rank, world, case, out_dir):
         torch.set_num_threads(1)
         model = _model()
         kw = dict(case["kw"])
+        cls = TLRAdamW if case.get("adamw") else TLR
         if case.get("fsdp"):  # FSDP2: every parameter becomes a DTensor sharded over the ranks
             from torch.distributed.fsdp import fully_shard
 
@@ -85,7 +86,7 @@ def _worker(rank, world, case, out_dir):
         else:
             ddp = nn.parallel.DistributedDataParallel(model)
         if case.get("fsdp"):
-            opt = local = TLR(_groups(model, case["two_groups"]), **kw)
+            opt = local = cls(_groups(model, case["two_groups"]), **kw)
             held = None
         elif case["zero"]:
             from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -94,13 +95,13 @@ def _worker(rank, world, case, out_dir):
             first = groups if not case["two_groups"] else groups[0]["params"]
             if case.get("shard_group", True):
                 kw["shard_group"] = dist.group.WORLD
-            opt = ZeroRedundancyOptimizer(first, optimizer_class=TLR, **kw)
+            opt = ZeroRedundancyOptimizer(first, optimizer_class=cls, **kw)
             if case["two_groups"]:
                 opt.add_param_group(groups[1])
             local = opt.optim
             held = sum(len(g["params"]) for g in local.param_groups)
         else:
-            opt = local = TLR(_groups(model, case["two_groups"]), **kw)
+            opt = local = cls(_groups(model, case["two_groups"]), **kw)
             held = None
         _train(ddp, opt, _batches(), rank, world, drop_grads=case.get("drop_grads", {}).get(rank, ()))
         weights = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
@@ -135,6 +136,15 @@ CASES = {
     "fsdp2": dict(fsdp=True, zero=False, two_groups=False, kw=dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=2)),
     "fsdp2, scope tensor, window auto": dict(fsdp=True, zero=False, two_groups=True,
                                              kw=dict(lr=0.05, momentum=0.9, scope="tensor", window=1, max_window=4)),
+    # TLRAdamW (issue 12): the same cases, its statistic summed the same way
+    "adamw ddp": dict(adamw=True, zero=False, two_groups=False, kw=dict(lr=0.01, weight_decay=1e-2, window=2)),
+    "adamw zero": dict(adamw=True, zero=True, two_groups=False, kw=dict(lr=0.01, weight_decay=1e-2, window=2)),
+    "adamw zero, scope tensor": dict(adamw=True, zero=True, two_groups=False, kw=dict(lr=0.01, window=2, scope="tensor")),
+    "adamw zero, a rank without a group's tensors": dict(adamw=True, zero=True, two_groups=True,
+                                                         kw=dict(lr=0.01, window=2)),
+    "adamw fsdp2": dict(adamw=True, fsdp=True, zero=False, two_groups=False, kw=dict(lr=0.01, weight_decay=1e-2, window=2)),
+    "adamw fsdp2, scope tensor": dict(adamw=True, fsdp=True, zero=False, two_groups=True,
+                                      kw=dict(lr=0.01, scope="tensor", window=3)),
 }
 
 
@@ -145,7 +155,7 @@ def test_two_ranks_match_one_process(name, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
     model = _model()
-    single = TLR(_groups(model, case["two_groups"]), **case["kw"])
+    single = (TLRAdamW if case.get("adamw") else TLR)(_groups(model, case["two_groups"]), **case["kw"])
     _train(model, single, _batches())
 
     for r in ranks:  # every rank holds the single process's weights
@@ -170,18 +180,20 @@ def test_two_ranks_match_one_process(name, tmp_path):
         assert held == pytest.approx({k: expected[k] for k in held}, rel=1e-6)
 
 
-def test_zero_without_shard_group_gives_each_rank_its_own_alpha(tmp_path):
+@pytest.mark.parametrize("name", ["zero", "adamw zero"])
+def test_zero_without_shard_group_gives_each_rank_its_own_alpha(name, tmp_path):
     """The control: without the all-reduce, each rank's α sees only its shard and the ranks disagree."""
-    case = dict(CASES["zero"], shard_group=False)
+    case = dict(CASES[name], shard_group=False)
     mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["group_alphas"][0] != pytest.approx(ranks[1]["group_alphas"][0], rel=1e-3)
 
 
-def test_zero_rank_without_gradients_still_joins_the_collective(tmp_path):
+@pytest.mark.parametrize("name", ["zero", "adamw zero"])
+def test_zero_rank_without_gradients_still_joins_the_collective(name, tmp_path):
     """Rank 1 has no gradient at steps 3 (a closing) and 4: it must still take part in the all-reduce
     (otherwise rank 0 would wait forever), and both ranks keep the same α."""
-    case = dict(CASES["zero"], drop_grads={1: (3, 4)})
+    case = dict(CASES[name], drop_grads={1: (3, 4)})
     mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["group_alphas"] == pytest.approx(ranks[1]["group_alphas"], rel=1e-12)

@@ -5,8 +5,9 @@ device (``group["alpha"]``, a 0-dim float32 tensor; ``state[p]["alpha"]`` with s
 "tensor") and is updated there: ``step()`` reads no device value on the host. The window's
 statistic R = Σ √p·σg + λ·w/√p (p = 1/(√v̂ + ε)) is SPEC's u in the coordinates in which
 AdamW is SGD with momentum, and α's update is SPEC's (``functional._update_alphas``, shared
-with ``TLR``). Not yet: the Triton kernel, the adaptive window and its guard, distributed
-and AMP support (issue 12).
+with ``TLR``). Distributed as ``TLR``: DDP as is, ZeRO with ``shard_group``, FSDP2's DTensors
+shard by shard with their mesh's all-reduce. Not yet: the Triton kernel, the adaptive window
+and its guard (issue 12).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .optimizer import check_hyperparameters, initial_alpha, schedule_factor
+from .optimizer import _collective_device, _dtensor_group, _local, check_hyperparameters, initial_alpha, schedule_factor
 
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
@@ -60,15 +61,45 @@ class TLRAdamW(Optimizer):
         bound: the Newton step's cap c (α grows by at most 1 + c per window).
         window: steps per window (α is updated once per window).
         scope: "group" (one α per group) or "tensor" (one per parameter tensor).
+        shard_group: as ``TLR``'s: a process group whose ranks each hold part of every
+            param group (``ZeroRedundancyOptimizer(..., optimizer_class=TLRAdamW,
+            shard_group=group)``); at every closing ⟨R_k, R_{k−1}⟩ and ‖R_k‖² are summed over
+            it in one all-reduce, so that every rank takes the single process's α. FSDP2's
+            DTensor parameters need none: their mesh's group is used (each rank updates its
+            shards; the statistics of scope "group" and "tensor" are summed over the mesh).
+            Under DDP every rank already holds the same gradients and needs none either.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int = 3,
-                 scope: str = "group") -> None:
+                 scope: str = "group", shard_group=None) -> None:
         check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, bound=bound, window=window, scope=scope)
         super().__init__(params, defaults)
+        # not a group option (a process group cannot be saved); set after Optimizer.__init__, as TLR does
+        self._shard_group = shard_group
+        self._shard_group_lost = False
+
+    @property
+    def shard_group(self):
+        """The process group the window statistics are summed over (``None``: this process alone)."""
+        return self._shard_group
+
+    @shard_group.setter
+    def shard_group(self, group) -> None:
+        self._shard_group = group
+        self._shard_group_lost = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a process group cannot be copied or pickled: a copy only learns that there was one
+        return {**super().__getstate__(), "had_shard_group": self._shard_group is not None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        lost = state.pop("had_shard_group", False)
+        super().__setstate__(state)
+        self._shard_group, self._shard_group_lost = None, lost
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -98,7 +129,9 @@ class TLRAdamW(Optimizer):
             kept[key] = {k: entry.pop(k) for k in _STATE + ("alpha",) if isinstance(entry.get(k), Tensor)}
             state[key] = entry
         state_dict["state"] = state
+        shard_group, lost = self._shard_group, self._shard_group_lost  # torch's loader ends in __setstate__
         super().load_state_dict(state_dict)
+        self._shard_group, self._shard_group_lost = shard_group, lost
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for key, p in zip(saved, params):
@@ -115,12 +148,46 @@ class TLRAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._shard_group_lost:
+            raise RuntimeError(
+                "this TLRAdamW is a copy (deepcopy, pickle or torch.save) of one whose window statistics were summed "
+                "over a shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
+            )
         plans = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
-        for group, plan in zip(self.param_groups, plans):  # nothing is modified before every group is checked
+        collectives = [self._collective(index, group) for index, group in enumerate(self.param_groups)]
+        for group, plan, collective in zip(self.param_groups, plans, collectives):  # nothing modified before
             if plan is not None:
-                self._step_group(group, *plan)
+                self._step_group(group, *plan, collective)
+            elif collective is not None and self._closes(group) and group["scope"] == "group":
+                # this rank holds none of the group's gradients now: it still joins the sum, and takes its α
+                totals = torch.zeros(2, dtype=torch.float64, device=_collective_device(group, collective))
+                self._update_alpha([group["alpha"]], totals, group["bound"], collective)
             group["step"] += 1
         return loss
+
+    @staticmethod
+    def _closes(group: dict[str, Any]) -> bool:
+        return (group["step"] + 1) % group["window"] == 0
+
+    def _collective(self, index: int, group: dict[str, Any]):
+        """The process group whose ranks sum this group's statistics: a DTensor mesh's, the
+        shard_group, or None."""
+        mesh = _dtensor_group(group, index)
+        if mesh is not None and self._shard_group is not None:
+            raise ValueError(f"group {index} holds DTensor parameters: their shards are summed over their mesh, "
+                             "so shard_group must not be given")
+        return mesh if mesh is not None else self._shard_group
+
+    @staticmethod
+    def _update_alpha(alphas: list[Tensor], totals: Tensor, bound: float, collective) -> None:
+        """α from [⟨R, P⟩, ‖R‖²] summed over ``collective`` (None: this process alone)."""
+        if collective is not None:
+            import torch.distributed as dist
+
+            reduced = totals.clone()
+            dist.all_reduce(reduced, group=collective)
+            totals = reduced.to(alphas[0].device)
+        functional._update_alphas(alphas, totals[:1], totals[1:], bound)
 
     def _check_group(self, index: int, group: dict[str, Any]):
         params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
@@ -138,11 +205,12 @@ class TLRAdamW(Optimizer):
                                 f"got {p.dtype} and {p.grad.dtype}")
         return params, schedule_factor(group["lr"], group["initial_lr"], index)
 
-    def _step_group(self, group: dict[str, Any], params: list[Tensor], factor) -> None:
+    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None) -> None:
         (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
+        params = [_local(p) for p in owners]  # a DTensor's shard (a view): state and updates are per shard
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
-        states = [self.state[p] for p in params]
+        states = [self.state[p] for p in owners]
         for p, st in zip(params, states):
             if "exp_avg" not in st:
                 dtype = functional.state_dtype(p.dtype)
@@ -155,7 +223,8 @@ class TLRAdamW(Optimizer):
         sdtype = states[0]["exp_avg"].dtype
         half = any(p.dtype != st["exp_avg"].dtype for p, st in zip(params, states))
         ws = [p.to(st["exp_avg"].dtype) for p, st in zip(params, states)] if half else params
-        gs = [p.grad.to(st["exp_avg"].dtype) for p, st in zip(params, states)] if half else [p.grad for p in params]
+        grads = [_local(p.grad) for p in owners]
+        gs = [g.to(st["exp_avg"].dtype) for g, st in zip(grads, states)] if half else grads
         if group["maximize"]:
             gs = torch._foreach_neg(gs)
         ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
@@ -186,17 +255,23 @@ class TLRAdamW(Optimizer):
         torch._foreach_add_(sums, u)
         del u, precond
 
-        if (group["step"] + 1) % group["window"] == 0:  # α first, then the move (Algorithm 2's order)
+        if self._closes(group):  # α first, then the move (Algorithm 2's order)
             prevs = [st["prev_window_sum"] for st in states]
-            dots = [(r * q).sum(dtype=torch.float64) for r, q in zip(sums, prevs)]
-            sqs = [(r * r).sum(dtype=torch.float64) for r in sums]
+            dots = torch.stack([(r * q).sum(dtype=torch.float64) for r, q in zip(sums, prevs)])
+            sqs = torch.stack([(r * r).sum(dtype=torch.float64) for r in sums])
             if group["scope"] == "group":
-                alphas = [group["alpha"]]
-                dots, sqs = torch.stack(dots).sum().reshape(1), torch.stack(sqs).sum().reshape(1)
+                self._update_alpha([group["alpha"]], torch.stack([dots.sum(), sqs.sum()]), group["bound"], collective)
             else:
-                alphas = [st["alpha"] for st in states]
-                dots, sqs = torch.stack(dots), torch.stack(sqs)
-            functional._update_alphas(alphas, dots, sqs, group["bound"])
+                # ZeRO keeps each tensor whole on one rank (its statistics are its own); FSDP2
+                # shards every tensor over the mesh (each tensor's are summed over it)
+                n, mesh = len(states), collective if collective is not None and collective is not self._shard_group else None
+                totals = torch.cat([dots, sqs])
+                if mesh is not None:
+                    import torch.distributed as dist
+
+                    totals = totals.clone()
+                    dist.all_reduce(totals, group=mesh)
+                functional._update_alphas([st["alpha"] for st in states], totals[:n], totals[n:], group["bound"])
             for st in states:  # P ← A, A ← 0 (the old P's storage is reused)
                 st["prev_window_sum"], st["window_sum"] = st["window_sum"], st["prev_window_sum"].zero_()
         if group["scope"] == "group":
