@@ -18,6 +18,7 @@ factor stay tensors, so a step never synchronises with the device.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -529,8 +530,10 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
 def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
                window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
                flat_windows) -> None:
-    """``tlr`` on the PyTorch path (any device): torch's fused SGD kernel where it applies, its
-    foreach ops elsewhere; on the CPU the window's decisions are read on the host."""
+    """``tlr`` on the PyTorch path (any device). On the CPU with one α and no collective, the
+    fused C++ step (``_tlr_cpu``) where it is built and takes the tensors; elsewhere torch's
+    fused SGD kernel where it applies and its foreach ops otherwise, the window's decisions
+    read on the host on the CPU."""
     if grad_scale is not None or found_inf is not None:
         raise RuntimeError("grad_scale/found_inf are honoured by the Triton path only")
     if not params and shard_group is None:
@@ -634,6 +637,12 @@ def _cpu_kernel_fits(params, grads, window_sums, prev_window_sums) -> bool:
     """Whether the fused CPU step (``_tlr_cpu``) takes these tensors: dense, contiguous CPU
     float32/float64 tensors, gradients, A and P of their parameter's dtype. (bf16/fp16
     weights, whose state is fp32, take torch's ops.)"""
+    dtypes = set(map(_DTYPE, params))
+    if len(dtypes) == 1:  # the usual case, in C-level maps (this runs every step, over every tensor)
+        return (dtypes <= {torch.float32, torch.float64}
+                and all(map(Tensor.is_contiguous, params)) and all(map(Tensor.is_contiguous, grads))
+                and set(map(_DTYPE, grads)) == set(map(_DTYPE, window_sums)) == set(map(_DTYPE, prev_window_sums)) == dtypes
+                and not any(map(_IS_SPARSE, grads)))
     return all(
         p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
         and g.layout == torch.strided and g.dtype == p.dtype and g.is_contiguous()
@@ -642,15 +651,19 @@ def _cpu_kernel_fits(params, grads, window_sums, prev_window_sums) -> bool:
     )
 
 
+_DTYPE, _IS_SPARSE = operator.attrgetter("dtype"), operator.attrgetter("is_sparse")
+
+
 def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums, alpha, config, *, unit_end,
              window_state, window_energy, lr_factor, flats) -> None:
     """``_tlr_torch`` on the CPU for one α, in the fused C++ step (kernels/cpu_step.cpp).
 
-    An ordinary step is one pass per tensor: u, the momentum buffer, A and the move. A unit's
-    end takes the group's ⟨A, P⟩, ‖A‖², Σ‖w‖² and Σ⟨A, w⟩ in the same pass (A after this
-    step's term, w before the move), decides the window on the host (``_host_unit_end``,
-    ``_host_close``: the same decisions as the other paths), and then moves the weights with
-    the α so decided, in a second pass. Tensors of each dtype go in one call."""
+    An ordinary step is one pass: u, the momentum buffer, A and the move. A unit's end takes
+    the group's ‖A‖², Σ‖w‖² and Σ⟨A, w⟩ in the same pass (A after this step's term, w before
+    the move), and ⟨A, P⟩ where the window is scheduled to close; the host decides the window
+    (``_host_unit_end``, ``_host_close``: the same decisions as the other paths). At a
+    scheduled closing the weights then move with the α so decided, in a second pass; at any
+    other unit's end the first pass moved them already. Tensors of each dtype go in one call."""
     momentum = config.momentum
     sign = -1.0 if config.maximize else 1.0
     sums_u = config.statistic == "gradient" or momentum == 0
@@ -661,7 +674,7 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
                 momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
                 first[i] = True
     bufs = momentum_buffers if momentum != 0 else []
-    if all(p.dtype == params[0].dtype for p in params):
+    if len(set(map(_DTYPE, params))) == 1:
         args = [(params, grads, bufs, window_sums, prev_window_sums, first)]
     else:
         args = [([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx] if bufs else [],
