@@ -202,3 +202,33 @@ def test_an_early_closing_takes_the_dot_that_the_pass_skipped(monkeypatch):
     torch.testing.assert_close(fo.param_groups[0]["alpha"], po.param_groups[0]["alpha"], rtol=1e-12, atol=0)
     for p, q in zip(fused, plain):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@needs_build
+@pytest.mark.parametrize("cfg", [dict(momentum=0.9, weight_decay=1e-4), dict(momentum=0.9, maximize=True)],
+                         ids=["weight-decay", "maximize"])
+def test_a_buffer_that_torch_ops_left_non_contiguous_sends_the_step_back_to_them(cfg, monkeypatch):
+    """A transposed gradient takes torch's ops, whose momentum buffer (u's own storage) keeps
+    the gradient's strides; the next, contiguous step must not hand that buffer to the fused
+    step (which takes contiguous tensors only) but run torch's ops again, as a run that never
+    had the fused step does."""
+    def run(fused):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(functional, "_cpu_extension", lambda: None)
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randn(32, 64, generator=gen, dtype=torch.float64).requires_grad_()
+            opt = TLR([w], lr=0.1, window=2, **cfg)
+            for t in range(6):
+                g = torch.randn(64, 32, generator=gen, dtype=torch.float64)
+                w.grad = g.t() if t == 0 else g.t().contiguous()
+                opt.step()
+                if t == 0:
+                    strided.append(not opt.state[w]["momentum_buffer"].is_contiguous())
+            return w, opt
+
+    strided = []
+    (a, oa), (b, ob) = run(True), run(False)
+    assert strided[0]  # the case this test is about: a buffer with the transposed gradient's strides
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oa.param_groups[0]["alpha"], ob.param_groups[0]["alpha"], rtol=1e-12, atol=0)

@@ -546,7 +546,7 @@ def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, a
     # On the CPU, one α and no collective: the window's scalars are read and computed on
     # the host (free there), a few tensor operations instead of some seventy small ones.
     host = len(alphas) == 1 and shard_group is None and bool(window_sums) and host_reads_free(alphas[0].device)
-    if host and _cpu_kernel_fits(params, grads, window_sums, prev_window_sums):
+    if host and _cpu_kernel_fits(params, grads, momentum_buffers, window_sums, prev_window_sums):
         ext = _cpu_extension()
         if ext is not None:
             _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums, alphas[0], config,
@@ -633,21 +633,27 @@ def _cpu_extension():
     return cpu.extension()
 
 
-def _cpu_kernel_fits(params, grads, window_sums, prev_window_sums) -> bool:
+def _cpu_kernel_fits(params, grads, momentum_buffers, window_sums, prev_window_sums) -> bool:
     """Whether the fused CPU step (``_tlr_cpu``) takes these tensors: dense, contiguous CPU
-    float32/float64 tensors, gradients, A and P of their parameter's dtype. (bf16/fp16
-    weights, whose state is fp32, take torch's ops.)"""
+    float32/float64 weights, and gradients, momentum buffers (where they exist), A and P
+    contiguous in their weights' dtype. (bf16/fp16 weights, whose state is fp32, take torch's
+    ops; so does a step after torch's ops left a buffer non-contiguous, e.g. one built from a
+    transposed gradient, or a checkpoint loaded with other strides.)"""
+    bufs = [b for b in momentum_buffers if b is not None]
     dtypes = set(map(_DTYPE, params))
     if len(dtypes) == 1:  # the usual case, in C-level maps (this runs every step, over every tensor)
         return (dtypes <= {torch.float32, torch.float64}
                 and all(map(Tensor.is_contiguous, params)) and all(map(Tensor.is_contiguous, grads))
+                and all(map(Tensor.is_contiguous, window_sums)) and all(map(Tensor.is_contiguous, prev_window_sums))
+                and all(map(Tensor.is_contiguous, bufs))
                 and set(map(_DTYPE, grads)) == set(map(_DTYPE, window_sums)) == set(map(_DTYPE, prev_window_sums)) == dtypes
-                and not any(map(_IS_SPARSE, grads)))
+                and set(map(_DTYPE, bufs)) <= dtypes and not any(map(_IS_SPARSE, grads)))
     return all(
         p.dtype in (torch.float32, torch.float64) and p.is_contiguous()
         and g.layout == torch.strided and g.dtype == p.dtype and g.is_contiguous()
-        and a.dtype == p.dtype and q.dtype == p.dtype
-        for p, g, a, q in zip(params, grads, window_sums, prev_window_sums)
+        and a.dtype == p.dtype and q.dtype == p.dtype and a.is_contiguous() and q.is_contiguous()
+        and (b is None or (b.dtype == p.dtype and b.is_contiguous()))
+        for p, g, b, a, q in zip(params, grads, momentum_buffers, window_sums, prev_window_sums)
     )
 
 
@@ -667,13 +673,11 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
     momentum = config.momentum
     sign = -1.0 if config.maximize else 1.0
     sums_u = config.statistic == "gradient" or momentum == 0
-    first = [False] * len(params)
-    if momentum != 0:
-        for i, b in enumerate(momentum_buffers):
-            if b is None:  # b = u on a tensor's first step: the kernel writes it
-                momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
-                first[i] = True
-    bufs = momentum_buffers if momentum != 0 else []
+    first = [b is None for b in momentum_buffers] if momentum != 0 else [False] * len(params)
+    # b = u on a tensor's first step: the kernel writes it into a new buffer, which the caller
+    # gets (``momentum_buffers``) once the first pass has run
+    bufs = ([torch.empty_like(p, memory_format=torch.contiguous_format) if new else b
+             for p, b, new in zip(params, momentum_buffers, first)] if momentum != 0 else [])
     if len(set(map(_DTYPE, params))) == 1:
         args = [(params, grads, bufs, window_sums, prev_window_sums, first)]
     else:
@@ -688,6 +692,7 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
     if not unit_end:
         for w, g, b, a, p, f in args:
             ext.step(w, g, b, a, p, f, lr(), True, False, False, *scalars, sums_u)
+        momentum_buffers[:] = bufs or momentum_buffers
         return
     # A scheduled closing changes α before this step's move: the move waits for the decision,
     # and P, read for ⟨A, P⟩, is zeroed in the same pass (it becomes the next window's A).
@@ -701,6 +706,7 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
         sums = ext.step(w, g, b, a, p if closes else [], f, 0.0 if closes else lr(), not closes, True, closes,
                         *scalars, sums_u)
         totals = [x + y for x, y in zip(totals, sums)]
+    momentum_buffers[:] = bufs or momentum_buffers
     if not closes:
         totals[0] = None
     dot, sq = totals[0], totals[1]
