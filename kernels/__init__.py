@@ -1,7 +1,9 @@
 """Triton kernels for TLR (installed as ``tlr_triton.kernels``).
 
-- ``tlr_step.py``: the three jit kernels of one step (step, α, move) and their story.
+- ``tlr_step.py``: the four jit kernels of one step (step, window, α, move) and their story.
 - ``launch.py``: address tables, block maps and the launches (``tlr_triton_step``).
+- ``cpu_step.cpp``, ``cpu.py``: the PyTorch path's fused CPU step (C++, built on first use
+  with torch's extension builder; ``cpu.extension()``), used by ``functional._tlr_cpu``.
 
 Importing this package does not import Triton; ``tlr_triton.kernels.launch`` does. On a
 machine without a GPU the kernels run through Triton's interpreter, which needs
