@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace {
@@ -235,7 +236,22 @@ void move(std::vector<at::Tensor> w, std::vector<at::Tensor> g, std::vector<at::
   dispatch(w, g, b, {}, {}, {}, Mode{false, true, false, false}, s);
 }
 
+// The number of threads that at::parallel_for ran ``tasks`` one-element tasks on. ATen's
+// parallel_for is a ``#pragma omp parallel`` in its header, so in a module built without
+// OpenMP it runs on one thread whatever torch's thread count: the tests check the build here.
+int64_t parallel_threads(int64_t tasks) {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int64_t mine = at::get_thread_num() + 1;
+    int64_t seen = most.load();
+    while (mine > seen && !most.compare_exchange_weak(seen, mine)) {
+    }
+  });
+  return most.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "TLR's step for same-dtype CPU tensors (see cpu_step.cpp)");
   m.def("move", &move, "the move that a unit's end deferred");
+  m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for runs tasks on (1: built without OpenMP)");
 }

@@ -143,6 +143,41 @@ def test_fused_step_builds_where_a_compiler_exists():
     assert functional._cpu_extension() is not None
 
 
+@needs_build
+def test_fused_step_runs_on_torchs_threads():
+    """Built with OpenMP: ATen's parallel_for (a pragma in its headers) runs on torch's threads,
+    not on one, and follows ``torch.set_num_threads``."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("torch runs one thread here")
+    ext = functional._cpu_extension()
+    try:
+        assert ext.parallel_threads(64) == threads
+        torch.set_num_threads(1)
+        assert ext.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_build_without_openmp_runs_on_one_thread_with_a_warning(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    calls = []
+
+    def load(*args, extra_cflags=(), extra_ldflags=(), **kwargs):
+        calls.append(list(extra_cflags))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("omp.h: no such file")
+        return "serial module"
+
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(cpu, "_LOADED", [])
+    monkeypatch.delenv("TLR_CPU_KERNEL", raising=False)
+    with pytest.warns(RuntimeWarning, match="without OpenMP .*omp.h"):
+        assert cpu.extension() == "serial module"
+    assert len(calls) == 2 and "-fopenmp" not in calls[1]
+
+
 def test_a_failed_build_warns_once_and_torch_ops_take_over(monkeypatch):
     import torch.utils.cpp_extension as cpp
 
@@ -232,3 +267,25 @@ def test_a_buffer_that_torch_ops_left_non_contiguous_sends_the_step_back_to_them
     assert strided[0]  # the case this test is about: a buffer with the transposed gradient's strides
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(oa.param_groups[0]["alpha"], ob.param_groups[0]["alpha"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-fused", "cpu-torch-ops"])
+def test_the_window_is_written_the_same_without_numpy(fused, monkeypatch):
+    """The host path writes window_state, window_energy and α through NumPy views where NumPy is
+    installed (``functional._host_write``), else with torch's ops: the same run either way."""
+    if fused and functional._cpu_extension() is None:
+        pytest.skip("the fused CPU step cannot be built here")
+    cfg = CONFIGS["default"]
+    with_numpy, wo = _run(fused, cfg, torch.float64, monkeypatch, steps=24)
+
+    def no_numpy(self, *args, **kwargs):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    without, nwo = _run(fused, cfg, torch.float64, monkeypatch, steps=24)
+    for p, q in zip(with_numpy, without):
+        assert torch.equal(p, q)
+    ga, gb = wo.param_groups[0], nwo.param_groups[0]
+    for key in ("alpha", "window_state", "window_energy"):
+        assert torch.equal(ga[key], gb[key]), key
+    assert int(ga["window_state"][1]) > 1  # the window grew: states were written at unit ends and closings

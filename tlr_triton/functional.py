@@ -700,23 +700,26 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
     # so the pass moves too, after taking its sums over the weights before the move.
     # Only a closing reads ⟨A, P⟩: elsewhere P is left unread (4 bytes per parameter) unless
     # the guard trips (``_host_unit_end`` then takes the dot itself).
-    closes = config.units == 1 or _scheduled_closing(window_state, config.units)
+    # (each host read or write of a small tensor costs microseconds with cold caches: each is done once)
+    state = window_state.tolist() if config.units > 1 else None
+    closes = state is None or _scheduled_closing(state, config.units)
+    value = float(alpha)
+    rate = 0.0 if closes else value * float(lr_factor)
     totals = [0.0] * 4
     for w, g, b, a, p, f in args:
-        sums = ext.step(w, g, b, a, p if closes else [], f, 0.0 if closes else lr(), not closes, True, closes,
-                        *scalars, sums_u)
+        sums = ext.step(w, g, b, a, p if closes else [], f, rate, not closes, True, closes, *scalars, sums_u)
         totals = [x + y for x, y in zip(totals, sums)]
     momentum_buffers[:] = bufs or momentum_buffers
     if not closes:
         totals[0] = None
     dot, sq = totals[0], totals[1]
-    if config.units > 1:
+    if state is not None:
         before, after = _host_unit_end(config, lambda: sq, window_sums, prev_window_sums, alpha, window_state,
                                        window_energy, params, config.weight_decay if sums_u else 0.0, flats,
-                                       totals=totals, zeroed=closes)
+                                       totals=totals, zeroed=closes, state=state, alpha_value=value)
     else:
         before, after = [lambda: _host_close(window_sums, prev_window_sums, alpha, config.bound, (dot, sq),
-                                             zeroed=True)], []
+                                             zeroed=True, old=value)], []
 
     def move():
         rate = lr()
@@ -727,9 +730,10 @@ def _tlr_cpu(ext, params, grads, momentum_buffers, window_sums, prev_window_sums
         work()
 
 
-def _scheduled_closing(window_state: Tensor, units: int) -> bool:
-    """Whether the adaptive window closes at this unit's end whatever the guard says (CPU: read on the host)."""
-    done, k = window_state.tolist()
+def _scheduled_closing(state: list[int], units: int) -> bool:
+    """Whether the adaptive window closes at this unit's end whatever the guard says, from
+    ``window_state``'s values (CPU: read on the host)."""
+    done, k = state
     return done + 1 >= min(k, units)
 
 
@@ -913,43 +917,58 @@ def _host_factor(dot: float, sq: float, bound: float) -> float:
 
 def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, totals: tuple[float, float],
                 cut: float = math.inf, ceiling: float = math.inf, flats: tuple[Tensor, Tensor] | None = None,
-                zeroed: bool = False) -> None:
+                zeroed: bool = False, old: float | None = None) -> None:
     """``_close_window`` for one α on the CPU: α ← min(α·min(1 + r, cut), max(α, ceiling)) when
-    that stays a normal float32 (else α is kept), P ← A, A ← 0 (``_rotate_windows``)."""
-    old = float(alpha)
+    that stays a normal float32 (else α is kept), P ← A, A ← 0 (``_rotate_windows``). ``old``:
+    α's value where the caller has read it."""
+    if old is None:
+        old = float(alpha)
     new = min(old * min(_host_factor(*totals, bound), cut), max(old, ceiling))
     if math.isfinite(new) and _ALPHA_TINY <= new <= _ALPHA_MAX:
         alpha.fill_(new)
     _rotate_windows(window_sums, prev_window_sums, flats, zeroed)
 
 
-def _host_unit(squares, window_state, units, blowup_ratio, window_energy):
+def _host_write(tensor: Tensor, values) -> None:
+    """Write host numbers into a small CPU tensor (``window_state``, ``window_energy``, α): through
+    its NumPy view where NumPy is installed (about a third of the time of ``torch.tensor`` +
+    ``copy_`` when the caches are cold, as they are after a forward and backward pass)."""
+    try:
+        view = tensor.detach().numpy()
+    except (RuntimeError, TypeError):  # no NumPy
+        tensor.copy_(torch.tensor(values, dtype=tensor.dtype))
+        return
+    view[...] = values
+
+
+def _host_unit(squares, window_state, units, blowup_ratio, window_energy, state=None):
     """A unit's end read on the host (CPU only): None when the window stays open — not
     scheduled to close and the guard's test on ‖A‖² (``squares()``) holds; ``window_state``
     then counts the unit — else (units so far, k, the guard's references: ``window_energy``'s
-    values)."""
-    done, k = window_state.tolist()
-    done, k = done + 1, min(k, units)
+    values). ``state``: ``window_state``'s values where the caller has read them."""
+    done, stored_k = state if state is not None else window_state.tolist()
+    done, k = done + 1, min(stored_k, units)
     energies = window_energy.tolist() if window_energy is not None else [0.0, 0.0, 0.0, 0.0]  # None: no guard
     reference = max(energies[:2])
     if done < k and not (blowup_ratio is not None and reference > 0 and squares() / done > blowup_ratio * reference):
-        window_state[0] = done
+        _host_write(window_state, (done, stored_k))
         return None
-    return done, k, energies
+    return done, k, energies, stored_k
 
 
 def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window_state, window_energy, params,
-                   weight_decay, flats=None, totals=None, zeroed=False):
+                   weight_decay, flats=None, totals=None, zeroed=False, state=None, alpha_value=None):
     """``_adaptive_unit_end`` for one α on the CPU, its scalars on the host: the same decisions
     (the reference's), in float64 instead of the window sums' dtype. ``totals``: the group's
     [⟨A, P⟩, ‖A‖², Σ‖w‖², Σ⟨A, w⟩] where the caller has them (``_tlr_cpu``); ``zeroed``: P is
-    zeroed already if the window closes as scheduled (``_rotate_windows``)."""
+    zeroed already if the window closes as scheduled (``_rotate_windows``); ``state``,
+    ``alpha_value``: ``window_state``'s values and α's where the caller has read them."""
     bound, units, window, window_reset, blowup_ratio = (config.bound, config.units, config.window,
                                                         config.window_reset, config.blowup_ratio)
-    unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy)
+    unit = _host_unit(squares, window_state, units, blowup_ratio, window_energy, state)
     if unit is None:
         return [], []
-    done, k, energies = unit
+    done, k, energies, stored_k = unit
     reference = max(energies[:2])
     guarded = blowup_ratio is not None and reference > 0
     dot, sq = totals[:2] if totals is not None else _host_totals(window_sums, prev_window_sums, flats)
@@ -965,13 +984,15 @@ def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window
         else:
             weights = float(_weights_total(params, alpha.device))
             along = float(_along_total(window_sums, params, alpha.device)) if weight_decay > 0 else 0.0
-        moving = float(alpha) ** 2 * energy > MOVE_FLOOR ** 2 * weights  # steps that can throw them out
+        if alpha_value is None:
+            alpha_value = float(alpha)
+        moving = alpha_value ** 2 * energy > MOVE_FLOOR ** 2 * weights  # steps that can throw them out
         jump = jump and moving
         decays = weight_decay > 0 and bool(_decays(along, sq, weights, weight_decay * done * window))
         if not decays:
-            peak = max(peak, float(alpha))
+            peak = max(peak, alpha_value)
     if done < k and not jump:  # the float64 total, or the steps' size, does not confirm the ‖A‖² test
-        window_state[0] = done
+        _host_write(window_state, (done, stored_k))
         return [], []
     if dot is None:  # the caller's pass did not read P: the window closes early, so take ⟨A, P⟩ now
         dot = _host_dot(window_sums, prev_window_sums, flats)
@@ -983,10 +1004,10 @@ def _host_unit_end(config, squares, window_sums, prev_window_sums, alpha, window
 
     def close():
         _host_close(window_sums, prev_window_sums, alpha, bound, (dot, sq), cut, peak if decays else math.inf, flats,
-                    zeroed and done >= k)
-        window_state.copy_(torch.tensor([0, next_k]))
+                    zeroed and done >= k, alpha_value)
+        _host_write(window_state, (0, next_k))
         if window_energy is not None:
-            window_energy.copy_(torch.tensor([energy, energies[0], weights, peak], dtype=torch.float64))
+            _host_write(window_energy, (energy, energies[0], weights, peak))
 
     return ([close], []) if done >= k else ([], [close])
 
