@@ -74,7 +74,8 @@ def test_host_cost_mocks_every_kernel(monkeypatch):
     assert all(bool((p == 0).all()) for p in params + sgd.param_groups[0]["params"])
     monkeypatch.setitem(host_cost.LAYOUTS, "tiny", lambda: [(64,)] * 3)
     result = host_cost.measure("tiny")
-    assert set(result) == {"SGD fused", "SGD foreach", "TLR step()", "of it the launcher", "TLR, memo miss"}
+    assert set(result) == {"SGD fused", "SGD foreach", "TLR step()", "of it the launcher", "TLR, memo miss",
+                           "TLR, memo cleared"}
     assert all(0 < v < 1e6 for v in result.values())
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from helpers import assert_matches_reference, make_params, set_grads, twin
 from tlr_triton import TLR, TLRAdamW
 from tlr_triton.alpha_tools import AlphaHistory, AlphaRestart, alphas
-from tlr_triton.reference import ReferenceTLR
+from tlr_triton.reference import ReferenceTLR, ReferenceTLRAdamW
 
 
 def run(opts_and_params, steps, start=0, each=None):
@@ -270,6 +270,42 @@ def test_compiled_step_does_not_recompile_at_closing_steps(cfg):
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p.double(), q.double(), rtol=1e-5, atol=1e-5)
     assert float(opt.param_groups[0]["alpha"]) == pytest.approx(ref.param_groups[0]["alpha"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(scope="tensor", amsgrad=True, maximize=True, window=2)],
+                         ids=["defaults", "tensor-amsgrad-maximize"])
+def test_compiled_tlr_adamw_step_follows_the_reference_without_recompiling(cfg):
+    """torch.compile(opt.step) of TLRAdamW: the float64 reference's weights and α over 24 steps
+    (eight or more closings), and no new graph once warmed up (α and the step counter are
+    tensors on the device: a closing is data, not a new trace)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    params = make_params(dtype=torch.float32)
+    ref_params = twin(params)
+    opt = TLRAdamW(params, lr=1e-2, weight_decay=1e-2, **cfg)
+    ref = ReferenceTLRAdamW(ref_params, lr=1e-2, weight_decay=1e-2, **cfg)
+    step = torch.compile(opt.step, backend="eager")
+    graphs = []
+    for t in range(24):
+        set_grads([params, ref_params], t)
+        step()
+        ref.step()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[9], graphs
+    assert graphs[-1] <= 6, graphs
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.double(), q.double(), rtol=2e-5, atol=2e-5)
+    if opt.param_groups[0]["scope"] == "group":
+        assert float(opt.param_groups[0]["alpha"]) == pytest.approx(ref.param_groups[0]["alpha"], rel=2e-5)
+        assert float(opt.param_groups[0]["alpha"]) != 1e-2  # α was trained
+    else:
+        trained = [(p, q) for p, q in zip(params, ref_params) if p.numel() > 0]  # empty tensors have no state
+        for p, q in trained:
+            assert float(opt.state[p]["alpha"]) == pytest.approx(ref.state[q]["alpha"], rel=2e-5)
+        assert any(float(opt.state[p]["alpha"]) != 1e-2 for p, _ in trained)
 
 
 def test_built_and_stepped_inside_a_compiled_function():
