@@ -159,6 +159,26 @@ def test_fused_step_runs_on_torchs_threads():
         torch.set_num_threads(threads)
 
 
+@needs_build
+def test_fused_step_gives_the_same_bits_on_one_thread_and_on_all(monkeypatch):
+    """The unit's sums are taken per chunk and added in chunk order, so the thread count does
+    not change a bit of the weights, α or the window's state (runs are reproducible across
+    machines with other core counts)."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("torch runs one thread here")
+    try:
+        torch.set_num_threads(1)
+        one, o1 = _run(True, CONFIGS["default"], torch.float32, monkeypatch, steps=24)
+    finally:
+        torch.set_num_threads(threads)
+    many, om = _run(True, CONFIGS["default"], torch.float32, monkeypatch, steps=24)
+    for p, q in zip(one, many):
+        assert torch.equal(p, q)
+    for key in ("alpha", "window_state", "window_energy"):
+        assert torch.equal(o1.param_groups[0][key], om.param_groups[0][key]), key
+
+
 def test_a_build_without_openmp_runs_on_one_thread_with_a_warning(monkeypatch):
     import torch.utils.cpp_extension as cpp
 
