@@ -65,11 +65,11 @@ def extension():
     if not _LOADED:
         module = None
         if os.environ.get("TLR_CPU_KERNEL", "1") != "0":
-            from torch.utils.cpp_extension import load
-
             errors = []
             for cflags, ldflags in (_OPENMP, _SERIAL):
                 try:
+                    from torch.utils.cpp_extension import load  # needs setuptools, which a venv may lack
+
                     with _ninja_on_path():
                         module = load(name="tlr_cpu_step", sources=[str(_SOURCE)], extra_cflags=_flags() + cflags,
                                       extra_ldflags=ldflags, verbose=False)

@@ -218,6 +218,18 @@ def test_a_failed_build_warns_once_and_torch_ops_take_over(monkeypatch):
     assert cpu._LOADED == [None]
 
 
+def test_no_extension_builder_means_torch_ops_with_a_warning(monkeypatch):
+    """torch's extension builder imports setuptools, which a virtual environment may lack: the
+    step then runs on torch's ops, it does not raise."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", None)  # import raises ImportError
+    monkeypatch.setattr(cpu, "_LOADED", [])
+    monkeypatch.delenv("TLR_CPU_KERNEL", raising=False)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert cpu.extension() is None
+
+
 def test_the_environment_can_turn_the_fused_step_off(monkeypatch):
     monkeypatch.setattr(cpu, "_LOADED", [])
     monkeypatch.setenv("TLR_CPU_KERNEL", "0")

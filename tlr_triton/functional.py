@@ -930,7 +930,7 @@ def _host_close(window_sums, prev_window_sums, alpha: Tensor, bound: float, tota
 
 
 def _host_write(tensor: Tensor, values) -> None:
-    """Write host numbers into a small CPU tensor (``window_state``, ``window_energy``, α): through
+    """Write host numbers into a small CPU tensor (``window_state``, ``window_energy``): through
     its NumPy view where NumPy is installed (about a third of the time of ``torch.tensor`` +
     ``copy_`` when the caches are cold, as they are after a forward and backward pass)."""
     try:
