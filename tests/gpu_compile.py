@@ -4,10 +4,11 @@ Triton's interpreter (which runs the kernels in the CPU tests) accepts code that
 compiler rejects or treats differently, so passing tests prove nothing about a GPU. This
 module closes that gap in two steps:
 
-1. **record**: drive the real optimizer, ``TLR(..., backend="triton")``, over the
-   configuration space (weight dtypes, mixed-dtype groups, momentum / dampening /
-   nesterov, statistic, scope, maximize, AMP's grad_scale / found_inf, fixed and adaptive
-   windows, tensor counts and sizes that make integer arguments 1 or multiples of 16)
+1. **record**: drive the real optimizers, ``TLR(..., backend="triton")`` and
+   ``TLRAdamW(..., backend="triton")``, over the configuration space (weight dtypes,
+   mixed-dtype groups, momentum / dampening / nesterov, statistic, scope, maximize, AMP's
+   grad_scale / found_inf, fixed and adaptive windows, amsgrad, tensor counts and sizes that
+   make integer arguments 1 or multiples of 16)
    with every kernel replaced by a recorder: nothing runs, each launch's arguments are
    kept as Triton's binder will see them (tensor dtype and 16-byte alignment, scalars,
    constexprs). Needs ``TRITON_INTERPRET=1`` (CPU tensors reach the launcher).
@@ -46,7 +47,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_MODULE = "tlr_triton.kernels.tlr_step"
+KERNEL_MODULES = ("tlr_triton.kernels.tlr_step", "tlr_triton.kernels.adamw_step")  # TLR's and TLRAdamW's
 ARCHS = (80, 90)
 
 # ----------------------------------------------------------------------------- the space
@@ -97,7 +98,28 @@ def configurations(subset: bool = False) -> list[dict]:
     for amp in AMP:  # user-written ints, both scopes
         configs.append(dict(dtype="float32", momentum="plain", statistic="gradient", amp=amp, scope=SCOPES[len(amp) % 2],
                             sign=0, window=0, layout="odd", ints=True))
-    return configs
+    return configs + adamw_configurations(subset)
+
+
+# TLRAdamW (fixed windows of 2 steps: its first step is an ordinary one, its second a closing):
+# every weight dtype, amsgrad, weight decay or none (an int 0), both scopes, maximize, the layouts.
+ADAMW_HYPER = {
+    "default": dict(lr=0.01),
+    "amsgrad": dict(lr=0.01, amsgrad=True, maximize=True),
+    "no-decay": dict(lr=1, weight_decay=0, betas=(0, 0.999), eps=0),  # user-written ints
+}
+
+
+def adamw_configurations(subset: bool = False) -> list[dict]:
+    """TLRAdamW's configurations: every (dtype, hyper-parameters) pair, the scopes and layouts
+    cycled through (the subset) or crossed (the full set)."""
+    main = list(itertools.product(DTYPES, ADAMW_HYPER))
+    rest = list(itertools.product(SCOPES, LAYOUTS))
+    if subset:
+        return [dict(optimizer="adamw", dtype=d, hyper=h, scope=SCOPES[i % 2], layout=list(LAYOUTS)[i % len(LAYOUTS)])
+                for i, (d, h) in enumerate(main)]
+    return [dict(optimizer="adamw", dtype=d, hyper=h, scope=sc, layout=lay) for (d, h), (sc, lay) in
+            itertools.product(main, rest)]
 
 
 # ----------------------------------------------------------------------------- record
@@ -118,12 +140,12 @@ def _encode(value):
 class _Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch and runs nothing.
 
-    A launch is kept as {"kernel", "args": every kernel parameter by name, "options":
+    A launch is kept as {"kernel", "module", "args": every kernel parameter by name, "options":
     launch options such as num_warps}.
     """
 
-    def __init__(self, name: str, kernel, sink: list) -> None:
-        self.name, self.sink = name, sink
+    def __init__(self, name: str, kernel, sink: list, module: str) -> None:
+        self.name, self.sink, self.module = name, sink, module
         self.params = list(inspect.signature(kernel.fn).parameters)
 
     def __getitem__(self, grid):
@@ -132,7 +154,7 @@ class _Recorder:
             named.update((k, v) for k, v in kwargs.items() if k in self.params)
             if len(named) != len(self.params):
                 raise TypeError(f"{self.name}: missing arguments {sorted(set(self.params) - set(named))}")
-            self.sink.append({"kernel": self.name, "args": {k: _encode(v) for k, v in named.items()},
+            self.sink.append({"kernel": self.name, "module": self.module, "args": {k: _encode(v) for k, v in named.items()},
                               "options": {k: _encode(v) for k, v in kwargs.items() if k not in self.params}})
 
         return launch
@@ -140,22 +162,43 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording():
-    """Replace every kernel of the kernel module by a recorder; yields the list of launches."""
+    """Replace every kernel of the kernel modules by a recorder; yields the list of launches."""
     import importlib
 
-    module = importlib.import_module(KERNEL_MODULE)
-    kernels = {name: obj for name, obj in vars(module).items()
-               if not name.startswith("_") and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
-    if not kernels:
-        raise RuntimeError(f"no kernels found in {KERNEL_MODULE}")
+    found = []  # (module, name, kernel)
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        kernels = [(module, name, obj) for name, obj in vars(module).items()
+                   if not name.startswith("_") and type(obj).__name__ in ("JITFunction", "InterpretedFunction")]
+        if not kernels:
+            raise RuntimeError(f"no kernels found in {module_name}")
+        found += kernels
     sink: list = []
     try:
-        for name in kernels:
-            setattr(module, name, _Recorder(name, kernels[name], sink))
+        for module, name, obj in found:
+            setattr(module, name, _Recorder(name, obj, sink, module.__name__))
         yield sink
     finally:
-        for name, obj in kernels.items():
+        for module, name, obj in found:
             setattr(module, name, obj)
+
+
+def _drive_adamw(config: dict) -> None:
+    import torch
+
+    from tlr_triton import TLRAdamW
+
+    shapes = LAYOUTS[config["layout"]]
+    if config["dtype"] == "mixed":
+        dtypes = [getattr(torch, MIXED[i % len(MIXED)]) for i in range(len(shapes))]
+    else:
+        dtypes = [getattr(torch, config["dtype"])] * len(shapes)
+    params = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+    opt = TLRAdamW(params, backend="triton", window=2, scope=config["scope"], **ADAMW_HYPER[config["hyper"]])
+    for _ in range(2):  # an ordinary step, then a closing
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
 
 
 def _drive(config: dict, steps: int = 2) -> None:
@@ -163,6 +206,8 @@ def _drive(config: dict, steps: int = 2) -> None:
 
     from tlr_triton import TLR
 
+    if config.get("optimizer") == "adamw":
+        return _drive_adamw(config)
     torch.manual_seed(0)
     shapes = LAYOUTS[config["layout"]]
     if config["dtype"] == "mixed":
@@ -256,7 +301,7 @@ def _compile_one(item):
     import triton
     from triton import knobs
 
-    module = importlib.import_module(KERNEL_MODULE)
+    module = importlib.import_module(launch["module"])
     kernel = getattr(module, launch["kernel"])
     _, src, target, options, constexprs, signature = _bind(kernel, launch, arch)
     result = dict(kernel=launch["kernel"], arch=arch, triton=triton.__version__, constexprs=constexprs,
@@ -288,9 +333,9 @@ def compile_launches(launches: list[dict], archs=ARCHS, jobs: int = 1) -> list[d
         raise RuntimeError("compiling needs the real @triton.jit kernels: unset TRITON_INTERPRET")
     import importlib
 
-    module = importlib.import_module(KERNEL_MODULE)
     unique = {}
     for launch in launches:
+        module = importlib.import_module(launch["module"])
         for arch in archs:
             key = _bind(getattr(module, launch["kernel"]), launch, arch)[0]
             unique.setdefault(key, (launch, arch))
@@ -311,7 +356,7 @@ def compile_launches(launches: list[dict], archs=ARCHS, jobs: int = 1) -> list[d
 # (state, and fp32/fp64 weights and gradients) go in 16-byte accesses. fp16/bf16 weights and
 # gradients go in 8 bytes: 4 elements per thread.
 _SCALAR_LOADS = 4
-_ELEMENTWISE = ("tlr_step_kernel", "tlr_move_kernel")
+_ELEMENTWISE = ("tlr_step_kernel", "tlr_move_kernel", "adamw_step_kernel", "adamw_move_kernel")
 
 
 def vector_problems(r: dict) -> list[str]:
@@ -338,6 +383,8 @@ def vector_problems(r: dict) -> list[str]:
 # counts lane by lane (tests/test_triton.py), and ``step_bytes`` adds them up per kind.
 def element_accesses(kernel: str, cx: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(loads, stores) of ``kernel`` with constexprs ``cx``: (array, kinds) pairs."""
+    if kernel.startswith("adamw_"):
+        return _adamw_accesses(kernel, cx)
     momentum, nesterov, snapshot = (cx["HAS_MOMENTUM"] == "True", cx["NESTEROV"] == "True", cx["SNAPSHOT"] == "True")
     if kernel == "tlr_step_kernel":
         loads = [("w", "oucrl"), ("g", "oucrl")] + [("b", "oucrl")] * momentum + [("P", "uc")]
@@ -354,8 +401,37 @@ def element_accesses(kernel: str, cx: dict) -> tuple[list[tuple[str, str]], list
     return loads, stores
 
 
-def step_bytes(cx: dict, kind: str) -> int:
-    """fp32 bytes per parameter that a step of ``kind`` moves through the step and move kernels."""
+def _adamw_accesses(kernel: str, cx: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """TLRAdamW's kernels, one specialization per kind of step ("o" ordinary, "c" a closing, from
+    the constexpr CLOSING of the step kernel; the move kernel runs at closings only). m, v (and
+    amsgrad's max v, "x") and the window sum R are fp32 state; P is the last window's R."""
+    amsgrad, decay = cx["AMSGRAD"] == "True", cx.get("HAS_DECAY", "True") == "True"
+    if kernel == "adamw_step_kernel":
+        kind = "c" if cx["CLOSING"] == "True" else "o"
+        # a closing reads w only for λ·w (the move kernel moves it)
+        loads = [("w", kind)] * (kind == "o" or decay) + [("g", kind), ("m", kind), ("v", kind)]
+        loads += [("x", kind)] * amsgrad + [("R", kind)]
+        stores = [("m", kind), ("v", kind)] + [("x", kind)] * amsgrad
+        if kind == "c":
+            loads.append(("P", kind))
+            stores += [("P", kind), ("R", kind)]
+        else:
+            stores += [("R", kind), ("w", kind)]
+    elif kernel == "adamw_move_kernel":
+        loads = [("w", "c"), ("m", "c"), ("x" if amsgrad else "v", "c")]
+        stores = [("w", "c")]
+    else:
+        raise ValueError(kernel)
+    return loads, stores
+
+
+def step_bytes(cx: dict, kind: str, optimizer: str = "tlr") -> int:
+    """fp32 bytes per parameter that a step of ``kind`` moves through the step and move kernels
+    (TLRAdamW's: ``cx`` without CLOSING, which ``kind`` decides)."""
+    if optimizer == "adamw":
+        step = element_accesses("adamw_step_kernel", dict(cx, CLOSING=str(kind == "c")))
+        move = element_accesses("adamw_move_kernel", cx) if kind == "c" else ([], [])
+        return 4 * sum(len(accesses) for accesses in step + move)
     return 4 * sum(kind in kinds for k in ("tlr_step_kernel", "tlr_move_kernel")
                    for accesses in element_accesses(k, cx) for _, kinds in accesses)
 

@@ -22,7 +22,8 @@ pytest.importorskip("triton")
 import gpu_compile as G  # noqa: E402
 
 TRITON_36 = Path(__file__).resolve().parents[1] / ".venv" / "triton-3.6.0"
-KERNELS = {"tlr_step_kernel", "tlr_window_kernel", "tlr_alpha_kernel", "tlr_move_kernel"}
+KERNELS = {"tlr_step_kernel", "tlr_window_kernel", "tlr_alpha_kernel", "tlr_move_kernel",
+           "adamw_step_kernel", "adamw_alpha_kernel", "adamw_move_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,11 @@ def test_recording_covers_the_space(recorded):
     # dtype; fp64 buckets are never aligned (launch._alignment)
     aligned = {(args["PARAM_DTYPE"]["tl"], args["ALIGN"] > 1) for args in step}
     assert aligned == {(d, a) for d in ("fp32", "fp16", "bf16") for a in (False, True)} | {("fp64", False)}, aligned
+    adamw = [launch["args"] for launch in launches if launch["kernel"] == "adamw_step_kernel"]
+    assert {(a["PARAM_DTYPE"]["tl"], a["ALIGN"] > 1) for a in adamw} == aligned
+    assert {(a["AMSGRAD"], a["HAS_DECAY"], a["CLOSING"]) for a in adamw} >= {
+        (amsgrad, True, closing) for amsgrad in (False, True) for closing in (False, True)} | {(False, False, True)}
+    assert {1, 2} <= {a["t"] for a in adamw} and 1 in {a["n_tensors"] for a in adamw}
 
 @pytest.mark.parametrize("version", ["installed", "3.6.0"])
 def test_every_specialization_compiles_for_sm80_and_sm90(recorded, version, capsys):
@@ -80,3 +86,15 @@ def test_the_access_model_gives_the_documented_bytes(mode, expected):
     to the bytes per step kind that the interpreter counts lane by lane and the docs give."""
     cx = dict(zip(("HAS_MOMENTUM", "NESTEROV", "SNAPSHOT"), mode))
     assert tuple(G.step_bytes(cx, kind) for kind in "ouc") == expected
+
+
+@pytest.mark.parametrize("amsgrad, expected", [
+    # fp32 bytes per parameter of an ordinary step and a closing (torch's fused AdamW: 28, amsgrad 36)
+    ("False", (36, 56)),
+    ("True", (44, 64)),
+])
+def test_tlr_adamw_moves_what_fused_adamw_moves_plus_its_window_sum(amsgrad, expected):
+    """TLRAdamW's ordinary step: fused AdamW's bytes plus 8 (the window sum R, read and written);
+    a closing adds P and the move kernel's second pass (docs/adamw.md, "Triton kernels")."""
+    cx = {"AMSGRAD": amsgrad}
+    assert tuple(G.step_bytes(cx, kind, "adamw") for kind in "oc") == expected

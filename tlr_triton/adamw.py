@@ -1,12 +1,13 @@
 """TLRAdamW: AdamW whose learning rate α is trained by TLR's Newton step (docs/adamw.md).
 
-The PyTorch path (foreach ops, any device); fixed windows. α lives on the parameters'
+Two paths: PyTorch's foreach ops (any device) and, for CUDA tensors, Triton kernels that do an
+ordinary step in one pass (kernels/adamw_step.py); fixed windows. α lives on the parameters'
 device (``group["alpha"]``, a 0-dim float32 tensor; ``state[p]["alpha"]`` with scope
 "tensor") and is updated there: ``step()`` reads no device value on the host. The window's
 statistic R = Σ √p·σg + λ·w/√p (p = 1/(√v̂ + ε)) is SPEC's u in the coordinates in which
 AdamW is SGD with momentum, and α's update is SPEC's (``functional._update_alphas``, shared
 with ``TLR``). Distributed as ``TLR``: DDP as is, ZeRO with ``shard_group``, FSDP2's DTensors
-shard by shard with their mesh's all-reduce. Not yet: the Triton kernel, the adaptive window
+shard by shard with their mesh's all-reduce (on the PyTorch path). Not yet: the adaptive window
 and its guard (issue 12).
 """
 
@@ -20,7 +21,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .optimizer import _collective_device, _dtensor_group, _local, check_hyperparameters, initial_alpha, schedule_factor
+from .optimizer import (_collective_device, _dtensor_group, _local, _resolve_backend, check_hyperparameters,
+                        initial_alpha, schedule_factor)
 
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
@@ -46,6 +48,11 @@ def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound
                           window=window, blowup_ratio=None, scope=scope, statistic="gradient", maximize=maximize)
 
 
+def _check_backend(backend) -> None:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"Invalid backend: {backend!r} (expected 'auto', 'torch' or 'triton')")
+
+
 class TLRAdamW(Optimizer):
     r"""AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with a trained learning rate.
 
@@ -61,6 +68,11 @@ class TLRAdamW(Optimizer):
         bound: the Newton step's cap c (α grows by at most 1 + c per window).
         window: steps per window (α is updated once per window).
         scope: "group" (one α per group) or "tensor" (one per parameter tensor).
+        backend: "auto" (the Triton kernels for CUDA tensors where Triton is installed, else
+            PyTorch's ops), "torch" or "triton" (on CPU tensors through Triton's interpreter,
+            ``TRITON_INTERPRET=1``). The Triton path does one pass over w, g, m, v and the window
+            sum per ordinary step (kernels/adamw_step.py); collectives (``shard_group``, FSDP2)
+            run on the PyTorch path.
         shard_group: as ``TLR``'s: a process group whose ranks each hold part of every
             param group (``ZeroRedundancyOptimizer(..., optimizer_class=TLRAdamW,
             shard_group=group)``); at every closing ⟨R_k, R_{k−1}⟩ and ‖R_k‖² are summed over
@@ -72,10 +84,11 @@ class TLRAdamW(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int = 3,
-                 scope: str = "group", shard_group=None) -> None:
+                 scope: str = "group", backend: str = "auto", shard_group=None) -> None:
         check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
+        _check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, bound=bound, window=window, scope=scope)
+                        maximize=maximize, bound=bound, window=window, scope=scope, backend=backend)
         super().__init__(params, defaults)
         # not a group option (a process group cannot be saved); set after Optimizer.__init__, as TLR does
         self._shard_group = shard_group
@@ -104,6 +117,7 @@ class TLRAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_adamw_arguments(*(merged[k] for k in _HYPER))  # before torch adds the group: a refused group is not kept
+        _check_backend(merged.get("backend", "auto"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
@@ -141,6 +155,7 @@ class TLRAdamW(Optimizer):
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["alpha"] = torch.as_tensor(group["alpha"]).to(device=device, dtype=torch.float32, copy=True)
+            group.setdefault("backend", self.defaults.get("backend", "auto"))  # a checkpoint from before the option
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,9 +170,9 @@ class TLRAdamW(Optimizer):
             )
         plans = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         collectives = [self._collective(index, group) for index, group in enumerate(self.param_groups)]
-        for group, plan, collective in zip(self.param_groups, plans, collectives):  # nothing modified before
-            if plan is not None:
-                self._step_group(group, *plan, collective)
+        for index, (group, plan, collective) in enumerate(zip(self.param_groups, plans, collectives)):
+            if plan is not None:  # (nothing was modified before every group was checked)
+                self._step_group(group, *plan, collective, index)
             elif collective is not None and self._closes(group) and group["scope"] == "group":
                 # this rank holds none of the group's gradients now: it still joins the sum, and takes its α
                 totals = torch.zeros(2, dtype=torch.float64, device=_collective_device(group, collective))
@@ -205,21 +220,44 @@ class TLRAdamW(Optimizer):
                                 f"got {p.dtype} and {p.grad.dtype}")
         return params, schedule_factor(group["lr"], group["initial_lr"], index)
 
-    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None) -> None:
+    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None, index=0) -> None:
         (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
         params = [_local(p) for p in owners]  # a DTensor's shard (a view): state and updates are per shard
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
+        triton = _resolve_backend(group.get("backend", "auto"), params[0].device, index) == "triton"
+        if triton and collective is not None:
+            raise NotImplementedError(f"group {index}: statistics summed over a process group (shard_group, FSDP2) "
+                                      "run on the PyTorch path: pass backend='torch'")
+        # the Triton kernels address state as contiguous memory
+        layout = torch.contiguous_format if triton else torch.preserve_format
         states = [self.state[p] for p in owners]
         for p, st in zip(params, states):
             if "exp_avg" not in st:
                 dtype = functional.state_dtype(p.dtype)
                 st["step"] = 0
                 for k in _STATE if group["amsgrad"] else tuple(k for k in _STATE if k != "max_exp_avg_sq"):
-                    st[k] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    st[k] = torch.zeros_like(p, dtype=dtype, memory_format=layout)
                 if group["scope"] == "tensor":
                     st["alpha"] = group["alpha"].clone()
+            elif triton and not all(st[k].is_contiguous() for k in _STATE if k in st):
+                for k in _STATE:  # state loaded or made with other strides
+                    if k in st:
+                        st[k] = st[k].contiguous()
             st["step"] += 1
+        if triton:
+            from .kernels.adamw_launch import adamw_triton_step
+
+            alphas = [st["alpha"] for st in states] if group["scope"] == "tensor" else [group["alpha"]]
+            adamw_triton_step(
+                params, [_local(p.grad) for p in owners], [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else None,
+                [st["window_sum"] for st in states], [st["prev_window_sum"] for st in states], alphas,
+                [st["step"] for st in states], betas=group["betas"], eps=eps, weight_decay=lam,
+                maximize=group["maximize"], bound=group["bound"], scope=group["scope"], closing=self._closes(group),
+                lr_factor=factor)
+            return
         sdtype = states[0]["exp_avg"].dtype
         half = any(p.dtype != st["exp_avg"].dtype for p, st in zip(params, states))
         ws = [p.to(st["exp_avg"].dtype) for p, st in zip(params, states)] if half else params
