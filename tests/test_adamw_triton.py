@@ -198,3 +198,17 @@ def test_a_collective_needs_the_pytorch_path():
     with pytest.raises(NotImplementedError, match="backend='torch'"):
         opt.step()
     assert torch.equal(w, torch.zeros(3))
+
+
+@pytest.mark.parametrize("cfg", [dict(window=2), dict(window=3, scope="tensor", amsgrad=True)])
+def test_step_never_reads_device_values(cfg, forbid_host_reads):
+    """The closing is scheduled by the host's counter and α is updated by a kernel: no step,
+    the first one (state, tables) and the closings included, reads a tensor's value."""
+    params = _params(3, dtype=torch.float32)
+    opt = TLRAdamW(params, lr=torch.tensor(1e-2), backend="triton", **cfg)  # a tensor lr: its factor stays on the device
+    grads = [[torch.randn(p.shape) for p in params] for _ in range(7)]
+    forbid_host_reads()
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()

@@ -392,6 +392,7 @@ def test_gpu_check_script_dry_mode_runs():
     out = subprocess.run([sys.executable, str(script), "--dry"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reference: OK" in out.stdout
+    assert "TLRAdamW Triton path: OK" in out.stdout
     assert "training (digits MLP" in out.stdout
 
 
