@@ -2,6 +2,8 @@
 
 - ``tlr_step.py``: the four jit kernels of one step (step, window, α, move) and their story.
 - ``launch.py``: address tables, block maps and the launches (``tlr_triton_step``).
+- ``adamw_step.py``, ``adamw_launch.py``: TLRAdamW's three kernels (step, α, move) and their
+  launches (``adamw_triton_step``), sharing ``tlr_step``'s helpers and ``launch``'s memos.
 - ``cpu_step.cpp``, ``cpu.py``: the PyTorch path's fused CPU step (C++, built on first use
   with torch's extension builder; ``cpu.extension()``), used by ``functional._tlr_cpu``.
 

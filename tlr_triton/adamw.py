@@ -68,11 +68,12 @@ class TLRAdamW(Optimizer):
         bound: the Newton step's cap c (α grows by at most 1 + c per window).
         window: steps per window (α is updated once per window).
         scope: "group" (one α per group) or "tensor" (one per parameter tensor).
-        backend: "auto" (the Triton kernels for CUDA tensors where Triton is installed, else
-            PyTorch's ops), "torch" or "triton" (on CPU tensors through Triton's interpreter,
-            ``TRITON_INTERPRET=1``). The Triton path does one pass over w, g, m, v and the window
-            sum per ordinary step (kernels/adamw_step.py); collectives (``shard_group``, FSDP2)
-            run on the PyTorch path.
+        backend: "torch" (the default: PyTorch's foreach ops), "triton" (kernels/adamw_step.py:
+            one pass over w, g, m, v and the window sum per ordinary step; on CPU tensors through
+            Triton's interpreter, ``TRITON_INTERPRET=1``) or "auto" (Triton for CUDA tensors where
+            it is installed). The default stays "torch" until ``bench/gpu_check.py`` has run the
+            Triton path on a GPU: so far it is checked through the interpreter and compiled ahead
+            of time for sm_80/sm_90 only. Collectives (``shard_group``, FSDP2) need "torch".
         shard_group: as ``TLR``'s: a process group whose ranks each hold part of every
             param group (``ZeroRedundancyOptimizer(..., optimizer_class=TLRAdamW,
             shard_group=group)``); at every closing ⟨R_k, R_{k−1}⟩ and ‖R_k‖² are summed over
@@ -84,7 +85,7 @@ class TLRAdamW(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int = 3,
-                 scope: str = "group", backend: str = "auto", shard_group=None) -> None:
+                 scope: str = "group", backend: str = "torch", shard_group=None) -> None:
         check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
         _check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -117,7 +118,7 @@ class TLRAdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_adamw_arguments(*(merged[k] for k in _HYPER))  # before torch adds the group: a refused group is not kept
-        _check_backend(merged.get("backend", "auto"))
+        _check_backend(merged.get("backend", "torch"))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
@@ -155,7 +156,7 @@ class TLRAdamW(Optimizer):
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["alpha"] = torch.as_tensor(group["alpha"]).to(device=device, dtype=torch.float32, copy=True)
-            group.setdefault("backend", self.defaults.get("backend", "auto"))  # a checkpoint from before the option
+            group.setdefault("backend", self.defaults.get("backend", "torch"))  # a checkpoint from before the option
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -225,7 +226,7 @@ class TLRAdamW(Optimizer):
         params = [_local(p) for p in owners]  # a DTensor's shard (a view): state and updates are per shard
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
-        triton = _resolve_backend(group.get("backend", "auto"), params[0].device, index) == "triton"
+        triton = _resolve_backend(group.get("backend", "torch"), params[0].device, index) == "triton"
         if triton and collective is not None:
             raise NotImplementedError(f"group {index}: statistics summed over a process group (shard_group, FSDP2) "
                                       "run on the PyTorch path: pass backend='torch'")
