@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tlr_triton import TLR
+from tlr_triton import TLR, TLRAdamW
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -45,8 +45,15 @@ def alpha_trainer():
     return TLRTrainer
 
 
-@pytest.mark.parametrize("schedule", ["linear", "constant", "cosine_with_warmup"])
-def test_hf_trainer_keeps_training_alpha_under_its_scheduler(schedule, tmp_path):
+OPTIMIZERS = {  # (build, initial α)
+    "TLR": (lambda params: TLR(params, lr=0.05, momentum=0.9), 0.05),
+    "TLRAdamW": (lambda params: TLRAdamW(params, lr=3e-3, window=3), 3e-3),
+}
+
+
+@pytest.mark.parametrize("name, schedule", [("TLR", "linear"), ("TLR", "constant"), ("TLR", "cosine_with_warmup"),
+                                            ("TLRAdamW", "linear"), ("TLRAdamW", "cosine_with_warmup")])
+def test_hf_trainer_keeps_training_alpha_under_its_scheduler(name, schedule, tmp_path):
     """The Trainer always installs a LambdaLR; its factor multiplies the trained α instead of replacing it."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -54,7 +61,8 @@ def test_hf_trainer_keeps_training_alpha_under_its_scheduler(schedule, tmp_path)
                                      eos_token_id=0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
-    opt = TLR(model.parameters(), lr=0.05, momentum=0.9)
+    build, lr = OPTIMIZERS[name]
+    opt = build(model.parameters())
     kind = {"cosine_with_warmup": "cosine"}.get(schedule, schedule)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40, lr_scheduler_type=kind,
@@ -68,9 +76,9 @@ def test_hf_trainer_keeps_training_alpha_under_its_scheduler(schedule, tmp_path)
     group = opt.param_groups[0]
     assert isinstance(group["lr"], float)
     factor = trainer.lr_scheduler.lr_lambdas[0](trainer.state.global_step)
-    assert group["lr"] == pytest.approx(0.05 * factor)  # the schedule's value, as HF computes it
+    assert group["lr"] == pytest.approx(lr * factor)  # the schedule's value, as HF computes it
     alphas = [entry["alpha"] for entry in logs]
-    assert len(set(alphas)) > 2 and alphas[-1] != pytest.approx(0.05)  # α trained under the schedule
+    assert len(set(alphas)) > 2 and alphas[-1] != pytest.approx(lr)  # α trained under the schedule
     assert logs[-1]["loss"] < logs[0]["loss"]
 
 
