@@ -46,7 +46,8 @@ def _table(device, dtype, ptrs, numels, alpha_ptrs, itemsize):
 def _hyper(device, betas, eps, weight_decay, maximize, bound, lr_factor) -> Tensor:
     """The float64 hyper-parameter vector (``adamw_step.H_*``), memoised on its values; a tensor
     ``lr_factor`` is put in place on the device without a host read."""
-    head = tuple(map(float, (betas[0], betas[1], eps, weight_decay, -1.0 if maximize else 1.0, bound)))
+    head = tuple(map(float, (betas[0], betas[1], eps, weight_decay, -1.0 if maximize else 1.0, bound,
+                             1.0 - betas[0], 1.0 - betas[1])))
 
     def vector(values):
         return hypers.get(("adamw", device, values),
@@ -74,11 +75,15 @@ def adamw_triton_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, win
         buckets.setdefault((p.dtype, t), []).append(i)
     hyper = _hyper(device, betas, eps, weight_decay, maximize, bound, lr_factor)
     launches, copies, offsets, nblks, alpha_ptrs, total = [], [], [], [], [], 0
+    # Working copies of gradients live until the launches: the tables hold only their addresses,
+    # and a copy freed early leaves its memory to the next bucket's allocations
+    alive = []
     for (dtype, t), idx in buckets.items():
         pick = _picker(idx)
         work_p = [p if p.is_contiguous() else p.contiguous() for p in pick(params)]
         copies += [(params[i], w) for i, w in zip(idx, work_p) if w is not params[i]]
         work_g = [g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype) for g in pick(grads)]
+        alive.append(work_g)
         state = [pick(exp_avgs), pick(window_sums), pick(prev_window_sums), pick(exp_avg_sqs)]
         state.append(pick(max_exp_avg_sqs) if amsgrad else state[3])  # an unread row without amsgrad
         bad = next((s for rows in state for s in rows if not s.is_contiguous()), None)

@@ -47,8 +47,10 @@ H_EPS = tl.constexpr(2)
 H_WEIGHT_DECAY = tl.constexpr(3)
 H_SIGN = tl.constexpr(4)        # -1.0 with maximize, else 1.0
 H_BOUND = tl.constexpr(5)       # the paper's c
-H_LR_FACTOR = tl.constexpr(6)   # a schedule's factor: the weights move by α · factor · d
-HYPER_SIZE = 7
+H_KEEP1 = tl.constexpr(6)       # 1 − β1 and 1 − β2, taken in fp64 from β (as the PyTorch path's
+H_KEEP2 = tl.constexpr(7)       # Python floats): 1 − fp32(β2) is 2% off for β2 = 0.99999
+H_LR_FACTOR = tl.constexpr(8)   # a schedule's factor: the weights move by α · factor · d
+HYPER_SIZE = 9
 
 _NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "t"]
 _NO_SPEC_ALPHA = ["n_scopes", "n_part"]
@@ -84,11 +86,9 @@ def _direction(w, g, m, v, vmax, bc1, bc2_sqrt, hyp_ptr, STATE_DTYPE: tl.constex
                HAS_DECAY: tl.constexpr):
     """AdamW's new moments, its direction d = p·m̂ + λ·w and TLR's statistic u = √p·σg + λ·w/√p,
     p = 1/(√v̂ + ε), from the moments of the step before (docs/adamw.md)."""
-    b1 = tl.load(hyp_ptr + H_BETA1).to(STATE_DTYPE)
-    b2 = tl.load(hyp_ptr + H_BETA2).to(STATE_DTYPE)
     g = tl.load(hyp_ptr + H_SIGN).to(STATE_DTYPE) * g
-    m = m + (1.0 - b1) * (g - m)  # torch's lerp: m + (1 − β1)·(g − m)
-    v = b2 * v + (1.0 - b2) * g * g
+    m = m + tl.load(hyp_ptr + H_KEEP1).to(STATE_DTYPE) * (g - m)  # torch's lerp: m + (1 − β1)·(g − m)
+    v = tl.load(hyp_ptr + H_BETA2).to(STATE_DTYPE) * v + tl.load(hyp_ptr + H_KEEP2).to(STATE_DTYPE) * g * g
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)
         vv = vmax

@@ -224,6 +224,9 @@ def tlr_triton_step(
     launches = []
     serials, part_offsets, nblks, alpha_ptrs = [], [], [], []
     copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
+    # Working copies of gradients live until the launches: the tables hold only their addresses,
+    # and a copy freed early leaves its memory to the next bucket's allocations (a review found it)
+    alive = []
     total = 0
     for number, (idx, snap) in enumerate(zip(buckets, snapshots)):
         pick = _picker(idx)
@@ -236,6 +239,7 @@ def tlr_triton_step(
             copies += [(params[i], pc) for i, pc in zip(idx, work_p) if pc is not params[i]]
         if not (all(map(Tensor.is_contiguous, work_g)) and set(map(_DTYPE, work_g)) == {dtype}):
             work_g = [g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype) for g in work_g]
+            alive.append(work_g)
         if first_steps is not None:
             firsts = tuple(int(first_steps[i]) for i in idx)
         elif momentum != 0 and any(map(operator.is_, bufs, repeat(None))):

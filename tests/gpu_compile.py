@@ -106,6 +106,7 @@ def configurations(subset: bool = False) -> list[dict]:
 ADAMW_HYPER = {
     "default": dict(lr=0.01),
     "amsgrad": dict(lr=0.01, amsgrad=True, maximize=True),
+    "amsgrad-no-decay": dict(lr=0.01, amsgrad=True, weight_decay=0.0),
     "no-decay": dict(lr=1, weight_decay=0, betas=(0, 0.999), eps=0),  # user-written ints
 }
 

@@ -212,3 +212,52 @@ def test_step_never_reads_device_values(cfg, forbid_host_reads):
         for p, g in zip(params, gs):
             p.grad = g
         opt.step()
+
+
+def test_gradient_copies_outlive_every_bucket_until_the_launches():
+    """Non-contiguous (transposed) gradients in a group of two buckets (the second tensor starts a
+    step late: another step count): the first bucket's contiguous copies must stay alive until the
+    kernels read them, or the second bucket's allocations take their memory (review finding)."""
+    def run(backend):
+        gen = torch.Generator().manual_seed(1)
+        a, b = (torch.randn(8, 8, generator=gen).requires_grad_() for _ in range(2))
+        opt = TLRAdamW([a, b], lr=1e-2, window=2, backend=backend)
+        for i in range(5):
+            a.grad = torch.randn(8, 8, generator=gen).t()
+            b.grad = (100 * torch.randn(8, 8, generator=gen)).t() if i > 0 else None
+            opt.step()
+        return a.detach(), b.detach(), opt.state[a]["exp_avg"]
+
+    for x, y in zip(run("triton"), run("torch")):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_one_minus_beta_is_taken_in_float64():
+    """β2 = 0.99999 in fp32: 1 − β2 from the fp64 β (as the PyTorch path's Python float), not from
+    β rounded to fp32 first (2% off; review finding): v as close to the reference as the PyTorch
+    path's."""
+    errors = {}
+    for backend in ("triton", "torch"):
+        ours, ref = _params(4, dtype=torch.float32), _params(4)
+        opt = TLRAdamW(ours, lr=1e-3, betas=(0.9, 0.99999), window=4, backend=backend)
+        reference = ReferenceTLRAdamW(ref, lr=1e-3, betas=(0.9, 0.99999), window=4)
+        gen = torch.Generator().manual_seed(0)
+        for i in range(20):
+            _grads([ours, ref], gen, i)
+            opt.step()
+            reference.step()
+        errors[backend] = max(float(((opt.state[p]["exp_avg_sq"].double() - reference.state[q]["exp_avg_sq"]).abs()
+                                     / reference.state[q]["exp_avg_sq"].abs().clamp_min(1e-30)).max())
+                              for p, q in zip(ours, ref))
+    assert errors["triton"] < 1e-5 and errors["triton"] < 10 * errors["torch"] + 1e-6, errors
+
+
+def test_an_impossible_backend_in_a_later_group_changes_nothing(monkeypatch):
+    """backend="triton" on CPU tensors without the interpreter is refused before any group steps."""
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = TLRAdamW([{"params": [a]}, {"params": [b], "backend": "triton"}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="group 1"):
+        opt.step()
+    assert torch.equal(a, torch.ones(3)) and not opt.state and opt.param_groups[0]["step"] == 0

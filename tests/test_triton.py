@@ -676,3 +676,22 @@ def test_the_default_adaptive_window_moves_what_fused_sgd_moves_between_unit_end
     for kind, per_element in kinds:
         seen.setdefault(kind, set()).add(per_element)
     assert seen == {"ordinary": {20}, "unit end": {28}, "closing": {44}, "late": {48}}, kinds
+
+
+def test_gradient_copies_outlive_every_bucket_until_the_launches():
+    """Transposed gradients in a group of two buckets (fp32 and fp64): the first bucket's
+    contiguous copies must stay alive until the kernels read them, or the next bucket's
+    allocations take their memory (found in review of the TLRAdamW launcher, which copied it)."""
+    def run(backend):
+        gen = torch.Generator().manual_seed(1)
+        a = torch.randn(8, 8, generator=gen).requires_grad_()
+        b = torch.randn(8, 8, generator=gen, dtype=torch.float64).requires_grad_()
+        opt = TLR([a, b], lr=0.05, momentum=0.9, window=2, backend=backend)
+        for _ in range(5):
+            a.grad = torch.randn(8, 8, generator=gen).t()
+            b.grad = (100 * torch.randn(8, 8, generator=gen, dtype=torch.float64)).t()
+            opt.step()
+        return a.detach(), b.detach(), opt.state[a]["momentum_buffer"]
+
+    for x, y in zip(run("triton"), run("torch")):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)

@@ -171,15 +171,29 @@ class TLRAdamW(Optimizer):
             )
         plans = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         collectives = [self._collective(index, group) for index, group in enumerate(self.param_groups)]
-        for index, (group, plan, collective) in enumerate(zip(self.param_groups, plans, collectives)):
+        paths = [self._path(index, group, plan, collective)
+                 for index, (group, plan, collective) in enumerate(zip(self.param_groups, plans, collectives))]
+        for group, plan, collective, triton in zip(self.param_groups, plans, collectives, paths):
             if plan is not None:  # (nothing was modified before every group was checked)
-                self._step_group(group, *plan, collective, index)
+                self._step_group(group, *plan, collective, triton)
             elif collective is not None and self._closes(group) and group["scope"] == "group":
                 # this rank holds none of the group's gradients now: it still joins the sum, and takes its α
                 totals = torch.zeros(2, dtype=torch.float64, device=_collective_device(group, collective))
                 self._update_alpha([group["alpha"]], totals, group["bound"], collective)
             group["step"] += 1
         return loss
+
+    @staticmethod
+    def _path(index: int, group: dict[str, Any], plan, collective) -> bool:
+        """Whether the group runs on the Triton path (raises for an impossible request, before any
+        group is stepped)."""
+        if plan is None:
+            return False
+        triton = _resolve_backend(group.get("backend", "torch"), plan[0][0].device, index) == "triton"
+        if triton and collective is not None:
+            raise NotImplementedError(f"group {index}: statistics summed over a process group (shard_group, FSDP2) "
+                                      "run on the PyTorch path: pass backend='torch'")
+        return triton
 
     @staticmethod
     def _closes(group: dict[str, Any]) -> bool:
@@ -221,15 +235,12 @@ class TLRAdamW(Optimizer):
                                 f"got {p.dtype} and {p.grad.dtype}")
         return params, schedule_factor(group["lr"], group["initial_lr"], index)
 
-    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None, index=0) -> None:
+    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None,
+                    triton: bool = False) -> None:
         (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
         params = [_local(p) for p in owners]  # a DTensor's shard (a view): state and updates are per shard
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
-        triton = _resolve_backend(group.get("backend", "torch"), params[0].device, index) == "triton"
-        if triton and collective is not None:
-            raise NotImplementedError(f"group {index}: statistics summed over a process group (shard_group, FSDP2) "
-                                      "run on the PyTorch path: pass backend='torch'")
         # the Triton kernels address state as contiguous memory
         layout = torch.contiguous_format if triton else torch.preserve_format
         states = [self.state[p] for p in owners]
