@@ -10,7 +10,9 @@ and sizes, rebuilt only when one changes.
 
 from __future__ import annotations
 
+import math
 import operator
+import struct
 from array import array
 from functools import reduce
 
@@ -41,6 +43,16 @@ def _table(device, dtype, ptrs, numels, alpha_ptrs, itemsize):
     addresses = reduce(operator.or_, (a for row in ptrs for a in row), 0)
     aligned = itemsize < 8 and addresses % 16 == 0 and reduce(operator.or_, numels, 0) % vec == 0
     return tab.to(device, non_blocking=True), blk, nblk, (vec if aligned else 1), block
+
+
+def _bits(x: float) -> int:
+    """The int64 bits of a double (the kernels bitcast them back: a float argument is fp32 on a GPU)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _corrections(betas, t: int) -> tuple[int, int]:
+    """1 − β1^t and √(1 − β2^t), as the PyTorch path takes them, as ``_bits``."""
+    return _bits(1.0 - float(betas[0]) ** t), _bits(math.sqrt(1.0 - float(betas[1]) ** t))
 
 
 def _hyper(device, betas, eps, weight_decay, maximize, bound, lr_factor) -> Tensor:
@@ -99,7 +111,8 @@ def adamw_triton_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, win
             ("adamw", device, dtype, ptrs, numels, a_ptrs),
             lambda: _table(device, dtype, ptrs, numels, a_ptrs, itemsize))
         n_blocks = sum(nblk)
-        launches.append((tab, len(idx), blk, n_blocks, total, t, dtype, state_dtype, align, block))
+        launches.append((tab, len(idx), blk, n_blocks, total, _corrections(betas, t), dtype, state_dtype, align,
+                         block))
         offsets.append(total)
         nblks.append(nblk)
         alpha_ptrs += a_ptrs
@@ -117,18 +130,18 @@ def adamw_triton_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, win
     dummy = part if part is not None else hyper  # any device pointer; unread without CLOSING
     kw = dict(AMSGRAD=amsgrad, HAS_DECAY=float(weight_decay) != 0.0)
     with _device_guard(device):
-        for tab, n, blk, n_blocks, offset, t, dtype, state_dtype, align, block in launches:
+        for tab, n, blk, n_blocks, offset, (bc1, bc2), dtype, state_dtype, align, block in launches:
             K.adamw_step_kernel[(n_blocks,)](
-                tab, n, blk, n_blocks, dummy, part.shape[1] if part is not None else 1, offset, t, hyper,
+                tab, n, blk, n_blocks, dummy, part.shape[1] if part is not None else 1, offset, bc1, bc2, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(state_dtype), CLOSING=closing, BLOCK=block,
                 ALIGN=align, num_warps=NUM_WARPS, **kw,
             )
         if closing:
             K.adamw_alpha_kernel[(scopes.shape[1],)](scopes, scopes.shape[1], part, part.shape[1], hyper,
                                                      RBLOCK=RBLOCK, num_warps=R_WARPS)
-            for tab, n, blk, n_blocks, offset, t, dtype, state_dtype, align, block in launches:
+            for tab, n, blk, n_blocks, offset, (bc1, bc2), dtype, state_dtype, align, block in launches:
                 K.adamw_move_kernel[(n_blocks,)](
-                    tab, n, blk, n_blocks, t, hyper, PARAM_DTYPE=_tl_dtype(dtype),
+                    tab, n, blk, n_blocks, bc1, bc2, hyper, PARAM_DTYPE=_tl_dtype(dtype),
                     STATE_DTYPE=_tl_dtype(state_dtype), BLOCK=block, ALIGN=align, num_warps=NUM_WARPS, **kw,
                 )
     for p, w in copies:

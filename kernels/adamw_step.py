@@ -18,8 +18,8 @@ whether a step closes one; an ordinary step is one launch, a closing three:
 Tensors are reached through a table of addresses (one int64 row per kind of tensor) and
 blocks through a block → (tensor, offset) map, as in ``tlr_step``, whose helpers these
 kernels share. Every tensor of a launch has taken the same number of steps t (the launcher
-groups them so), passed as an argument: the bias corrections 1 − β^t are computed here in
-fp64. State and reductions are fp32 (fp64 for fp64 weights); α is fp32.
+groups them so); its bias corrections 1 − β^t come from the host, in fp64. State and
+reductions are fp32 (fp64 for fp64 weights); α is fp32.
 """
 
 import triton
@@ -52,32 +52,19 @@ H_KEEP2 = tl.constexpr(7)       # Python floats): 1 − fp32(β2) is 2% off for 
 H_LR_FACTOR = tl.constexpr(8)   # a schedule's factor: the weights move by α · factor · d
 HYPER_SIZE = 9
 
-_NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "t"]
+_NO_SPEC_STEP = ["n_tensors", "n_blocks", "n_part", "part_offset", "bc1_bits", "bc2_bits"]
+_NO_SPEC_MOVE = ["n_tensors", "n_blocks", "bc1_bits", "bc2_bits"]
 _NO_SPEC_ALPHA = ["n_scopes", "n_part"]
 
 
 @triton.jit
-def _bias_correction(beta, t):
-    """1 − β^t in fp64 (torch's AdamW takes it in Python floats), β^t by binary powering over the
-    48 low bits of t (2.8e14 steps): about log2(t) roundings. Unrolled, with no libdevice call:
-    fp64 exp2/log2, and a runtime loop, made kernels spill on sm_80 and sm_90 (ptxas, Triton
-    3.6 and 3.9)."""
-    power = beta * 0.0 + 1.0
-    base = beta
-    n = t.to(tl.int64)
-    for _ in tl.static_range(48):
-        power = tl.where((n & 1) == 1, power * base, power)
-        base = base * base
-        n = n >> 1
-    return 1.0 - power
-
-
-@triton.jit
-def _corrections(t, hyp_ptr, STATE_DTYPE: tl.constexpr):
-    """AdamW's bias corrections 1 − β1^t and √(1 − β2^t), in the state dtype. Taken before the
-    block's loads are issued: a loop with loads in flight made the closing kernels spill (sm_80)."""
-    bc1 = _bias_correction(tl.load(hyp_ptr + H_BETA1), t).to(STATE_DTYPE)
-    bc2_sqrt = tl.sqrt(_bias_correction(tl.load(hyp_ptr + H_BETA2), t)).to(STATE_DTYPE)
+def _corrections(bc1_bits, bc2_bits, STATE_DTYPE: tl.constexpr):
+    """AdamW's bias corrections 1 − β1^t and √(1 − β2^t), taken on the host in fp64 (as the PyTorch
+    path takes them) and passed as the int64 bits of those doubles: a float argument would be fp32
+    on the GPU; computed here (libdevice's fp64 exp2/log2, or binary powering) they made closing
+    kernels spill 8–16 bytes on sm_80 and sm_90."""
+    bc1 = bc1_bits.to(tl.int64).to(tl.float64, bitcast=True).to(STATE_DTYPE)
+    bc2_sqrt = bc2_bits.to(tl.int64).to(tl.float64, bitcast=True).to(STATE_DTYPE)
     return bc1, bc2_sqrt
 
 
@@ -114,7 +101,8 @@ def adamw_step_kernel(
     part_ptr,         # float64 [2, n_part]: per-block ⟨R, P⟩ and ‖R‖² of the whole group (CLOSING)
     n_part,
     part_offset,      # where this bucket's blocks start in part_ptr
-    t,                # the step count of every tensor of this launch, this step included (>= 1)
+    bc1_bits,         # 1 − β1^t and √(1 − β2^t) of this launch's step count t (every tensor of a launch
+    bc2_bits,         # has taken t steps, this one included): the int64 bits of fp64 values
     hyp_ptr,          # float64 [HYPER_SIZE]
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -124,7 +112,7 @@ def adamw_step_kernel(
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,          # > 1: 16-byte-aligned addresses, sizes multiples of ALIGN (host-checked)
 ):
-    bc1, bc2_sqrt = _corrections(t, hyp_ptr, STATE_DTYPE)
+    bc1, bc2_sqrt = _corrections(bc1_bits, bc2_bits, STATE_DTYPE)
     pid, i, start, lanes, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK, ALIGN)
     # every load before the first store (the table's addresses may alias: a store in between
     # would send the loads after it back to memory)
@@ -189,13 +177,14 @@ def adamw_alpha_kernel(
     tl.store(alpha_ptr, tl.where(keep, new, old).to(tl.float32))
 
 
-@triton.jit(do_not_specialize=_NO_SPEC_STEP)
+@triton.jit(do_not_specialize=_NO_SPEC_MOVE)
 def adamw_move_kernel(
     tab_ptr,
     n_tensors,
     blk_ptr,
     n_blocks,
-    t,
+    bc1_bits,
+    bc2_bits,
     hyp_ptr,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -206,7 +195,7 @@ def adamw_move_kernel(
 ):
     """A closing's move with the α launch 2 decided: w -= α·f·d, d = p·m̂ + λ·w from the moments
     launch 1 wrote (12 bytes per fp32 parameter read, 4 written; 16 with amsgrad's max v)."""
-    bc1, bc2_sqrt = _corrections(t, hyp_ptr, STATE_DTYPE)
+    bc1, bc2_sqrt = _corrections(bc1_bits, bc2_bits, STATE_DTYPE)
     pid, i, start, lanes, live = _block(tab_ptr, n_tensors, blk_ptr, n_blocks, BLOCK, ALIGN)
     p_ptr = _at(tab_ptr, PARAM, n_tensors, i, start, PARAM_DTYPE, ALIGN)
     w = tl.load(p_ptr + lanes, mask=live, other=0.0).to(STATE_DTYPE)

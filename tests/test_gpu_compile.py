@@ -53,7 +53,8 @@ def test_recording_covers_the_space(recorded):
     assert {(a["PARAM_DTYPE"]["tl"], a["ALIGN"] > 1) for a in adamw} == aligned
     assert {(a["AMSGRAD"], a["HAS_DECAY"], a["CLOSING"]) for a in adamw} == {
         (amsgrad, decay, closing) for amsgrad in (False, True) for decay in (False, True) for closing in (False, True)}
-    assert {1, 2} <= {a["t"] for a in adamw} and 1 in {a["n_tensors"] for a in adamw}
+    assert len({a["bc1_bits"] for a in adamw}) >= 2 and 1 in {a["n_tensors"] for a in adamw}
+    assert min(a[k] for a in adamw for k in ("bc1_bits", "bc2_bits")) > 2**31  # always typed int64
 
 @pytest.mark.parametrize("version", ["installed", "3.6.0"])
 def test_every_specialization_compiles_for_sm80_and_sm90(recorded, version, capsys):
