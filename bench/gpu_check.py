@@ -111,7 +111,7 @@ def check_adamw(device, sizes):
                     assert abs(alpha - ralpha) <= 1e-5 * ralpha, (dtype, cfg, alpha, ralpha)
     if device.type == "cuda":
         params = [torch.randn(1000, device=device, requires_grad=True) for _ in range(3)]
-        opt = TLRAdamW(params, window=2, backend="triton")
+        opt = TLRAdamW(params, lr=torch.tensor(1e-3), window=2, backend="triton")  # a CPU tensor lr: no sync either
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()

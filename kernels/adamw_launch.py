@@ -66,7 +66,8 @@ def _hyper(device, betas, eps, weight_decay, maximize, bound, lr_factor) -> Tens
                           lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
 
     if isinstance(lr_factor, Tensor):
-        return torch.cat([vector(head), lr_factor.reshape(1).to(device=device, dtype=torch.float64)])
+        # non_blocking: a CPU tensor lr (torch's usual form) would otherwise sync the host with the GPU every step
+        return torch.cat([vector(head), lr_factor.reshape(1).to(dtype=torch.float64).to(device, non_blocking=True)])
     return vector(head + (float(lr_factor),))
 
 

@@ -69,6 +69,17 @@ def _corrections(bc1_bits, bc2_bits, STATE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _sqrt(x, STATE_DTYPE: tl.constexpr):
+    """√x rounded to nearest: tl.sqrt compiles to sqrt.approx.ftz.f32 for fp32, which flushes a
+    subnormal v to 0 (with eps = 0 a finite step became inf) where the interpreter's is exact (a
+    review found it in the PTX); fp64's tl.sqrt is sqrt.rn already (sqrt_rn takes fp32 only)."""
+    if STATE_DTYPE == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
 def _direction(w, g, m, v, vmax, bc1, bc2_sqrt, hyp_ptr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
                HAS_DECAY: tl.constexpr):
     """AdamW's new moments, its direction d = p·m̂ + λ·w and TLR's statistic u = √p·σg + λ·w/√p,
@@ -81,9 +92,9 @@ def _direction(w, g, m, v, vmax, bc1, bc2_sqrt, hyp_ptr, STATE_DTYPE: tl.constex
         vv = vmax
     else:
         vv = v
-    precond = 1.0 / (tl.sqrt(vv) / bc2_sqrt + tl.load(hyp_ptr + H_EPS).to(STATE_DTYPE))
+    precond = 1.0 / (_sqrt(vv, STATE_DTYPE) / bc2_sqrt + tl.load(hyp_ptr + H_EPS).to(STATE_DTYPE))
     d = precond * m / bc1
-    root = tl.sqrt(precond)
+    root = _sqrt(precond, STATE_DTYPE)
     u = root * g
     if HAS_DECAY:  # λ = 0 has no λ·w term (0·inf weights would be NaN)
         lam = tl.load(hyp_ptr + H_WEIGHT_DECAY).to(STATE_DTYPE)
@@ -134,6 +145,7 @@ def adamw_step_kernel(
         q_ptr = _at(tab_ptr, PREV, n_tensors, i, start, STATE_DTYPE, ALIGN)
         prev = tl.load(q_ptr + lanes, mask=live, other=0.0)
     alpha = tl.load(_row(tab_ptr, ALPHA, n_tensors, i).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
+    step_size = alpha * tl.load(hyp_ptr + H_LR_FACTOR).to(STATE_DTYPE)
 
     m, v, vmax, d, u = _direction(w, g, m, v, vmax, bc1, bc2_sqrt, hyp_ptr, STATE_DTYPE, AMSGRAD, HAS_DECAY)
     a += u
@@ -143,7 +155,7 @@ def adamw_step_kernel(
         tl.store(x_ptr + lanes, vmax, mask=live)
     if CLOSING:
         tl.store(q_ptr + lanes, a, mask=live)      # P ← R
-        tl.store(a_ptr + lanes, a * 0.0, mask=live)  # R ← 0
+        tl.store(a_ptr + lanes, tl.zeros_like(a), mask=live)  # R ← 0 (not a·0: NaN·0 is NaN)
         a = tl.where(live, a, 0.0)
         dot = tl.sum(a * prev, axis=0)
         sq = tl.sum(a * a, axis=0)
@@ -151,7 +163,6 @@ def adamw_step_kernel(
         tl.store(part_ptr + n_part + part_offset + pid, sq.to(tl.float64))
     else:
         tl.store(a_ptr + lanes, a, mask=live)
-        step_size = alpha * tl.load(hyp_ptr + H_LR_FACTOR).to(STATE_DTYPE)
         tl.store(p_ptr + lanes, _to_param(w - step_size * d, PARAM_DTYPE), mask=live)
 
 
@@ -207,7 +218,7 @@ def adamw_move_kernel(
         vv = tl.load(_at(tab_ptr, EXP_AVG_SQ, n_tensors, i, start, STATE_DTYPE, ALIGN) + lanes, mask=live,
                      other=0.0)
     alpha = tl.load(_row(tab_ptr, ALPHA, n_tensors, i).to(tl.pointer_type(tl.float32))).to(STATE_DTYPE)
-    d = (1.0 / (tl.sqrt(vv) / bc2_sqrt + tl.load(hyp_ptr + H_EPS).to(STATE_DTYPE))) * m / bc1  # as launch 1's
+    d = (1.0 / (_sqrt(vv, STATE_DTYPE) / bc2_sqrt + tl.load(hyp_ptr + H_EPS).to(STATE_DTYPE))) * m / bc1  # as launch 1's
     if HAS_DECAY:
         d += tl.load(hyp_ptr + H_WEIGHT_DECAY).to(STATE_DTYPE) * w
     step_size = alpha * tl.load(hyp_ptr + H_LR_FACTOR).to(STATE_DTYPE)

@@ -344,7 +344,9 @@ def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_re
         return hypers.get((device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))
 
     if isinstance(lr_factor, Tensor):
-        return torch.cat([vector(head), lr_factor.reshape(1).to(device=device, dtype=torch.float64), vector(tail)])
+        # non_blocking: a CPU tensor lr (torch's usual form) would otherwise sync the host with the GPU every step
+        factor = lr_factor.reshape(1).to(dtype=torch.float64).to(device, non_blocking=True)
+        return torch.cat([vector(head), factor, vector(tail)])
     return vector(head + (float(lr_factor),) + tail)
 
 

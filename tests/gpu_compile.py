@@ -324,7 +324,7 @@ def _compile_one(item):
     ptx = compiled.asm["ptx"]
     result.update(registers=int(regs.group(1)), stack=int(frame.group(1)), spill_stores=int(frame.group(2)),
                   spill_loads=int(frame.group(3)), local=bool(re.search(r"\b(ld|st)\.local\b|\.local\s", ptx)),
-                  ptx=ptx_summary(ptx))
+                  ptx=ptx_summary(ptx), approx_sqrt=bool(re.search(r"\bsqrt\.approx", ptx)))
     return result
 
 
@@ -357,6 +357,10 @@ def compile_launches(launches: list[dict], archs=ARCHS, jobs: int = 1) -> list[d
 # (state, and fp32/fp64 weights and gradients) go in 16-byte accesses. fp16/bf16 weights and
 # gradients go in 8 bytes: 4 elements per thread.
 _SCALAR_LOADS = 4
+# A stack frame without spills or local memory: the return address of a call to the slow path of
+# sqrt.rn.f32 (tl.sqrt_rn, TLRAdamW's kernels: special inputs only), 8 bytes where ptxas does not
+# inline it. Anything larger, or any spill, is a problem.
+_CALL_FRAME = 8
 _ELEMENTWISE = ("tlr_step_kernel", "tlr_move_kernel", "adamw_step_kernel", "adamw_move_kernel")
 
 
@@ -459,9 +463,11 @@ def problems(results: list[dict]) -> list[str]:
         where = f"{r['kernel']} sm_{r['arch']} triton {r['triton']} {r['constexprs']} (config {r['config']})"
         if "error" in r:
             out.append(f"{where}: {r['error']}")
-        elif r["spill_stores"] or r["spill_loads"] or r["stack"] or r["local"]:
+        elif r["spill_stores"] or r["spill_loads"] or r["local"] or r["stack"] > _CALL_FRAME:
             out.append(f"{where}: spills {r['spill_stores']}/{r['spill_loads']} B, stack {r['stack']} B, "
                        f"local memory {r['local']}")
+        if r.get("approx_sqrt"):  # the interpreter's square root is exact: the tests would not see it
+            out.append(f"{where}: sqrt.approx in the PTX (flushes subnormals to 0; use tl.sqrt_rn)")
         out += [f"{where}: {line} (PTX {r['ptx']})" for line in vector_problems(r) + access_problems(r)]
     return out
 
@@ -475,7 +481,7 @@ def table(results: list[dict]) -> str:
         if "error" in r:
             row["failed"] += 1
             continue
-        row["spills"] += bool(r["spill_stores"] or r["spill_loads"] or r["stack"] or r["local"])
+        row["spills"] += bool(r["spill_stores"] or r["spill_loads"] or r["stack"] > _CALL_FRAME or r["local"])
         row["regs"].append(r["registers"])
     lines = ["| triton | target | kernel | specializations | failed | spilling | registers |", "|---|---|---|---|---|---|---|"]
     for (version, arch, kernel), row in sorted(rows.items()):

@@ -252,10 +252,15 @@ class TLRAdamW(Optimizer):
                     st[k] = torch.zeros_like(p, dtype=dtype, memory_format=layout)
                 if group["scope"] == "tensor":
                     st["alpha"] = group["alpha"].clone()
-            elif triton and not all(st[k].is_contiguous() for k in _STATE if k in st):
-                for k in _STATE:  # state loaded or made with other strides
-                    if k in st:
-                        st[k] = st[k].contiguous()
+            else:
+                if st["exp_avg"].device != p.device:  # the model moved after its state was made: the state follows
+                    for k in _STATE + ("alpha",):
+                        if k in st:
+                            st[k] = st[k].to(p.device)
+                if triton and not all(st[k].is_contiguous() for k in _STATE if k in st):
+                    for k in _STATE:  # state loaded or made with other strides
+                        if k in st:
+                            st[k] = st[k].contiguous()
             st["step"] += 1
         if triton:
             from .kernels.adamw_launch import adamw_triton_step
