@@ -15,7 +15,9 @@ live on the CPU and every kernel is replaced by a no-op, so only the host work r
   buffers, keyed on its state and layout, stay), "memo cleared" one after every table was
   dropped (as after a state load: the group's partial sums are allocated again too);
 - ``torch.optim.SGD(momentum=0.9, fused=True)``: ``torch._fused_sgd_`` is a no-op;
-- ``torch.optim.SGD(momentum=0.9, foreach=True)``: its ``torch._foreach_*`` ops are no-ops.
+- ``torch.optim.SGD(momentum=0.9, foreach=True)``: its ``torch._foreach_*`` ops are no-ops;
+- ``TLRAdamW(backend="triton")`` (ordinary steps: one launch per bucket) against
+  ``torch.optim.AdamW(fused=True)``, whose ``torch._fused_adamw_`` is a no-op.
 
 Layouts: one tensor of 10M elements, GPT-2 small's 148 tensors (124M parameters), 2000
 tensors of 16k. Median of 15 rounds, µs per step, the optimizers taking turns round by round;
@@ -40,7 +42,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # backend="triton" on CPU tensor
 import torch  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
-from tlr_triton import TLR  # noqa: E402
+from tlr_triton import TLR, TLRAdamW  # noqa: E402
 
 
 def gpt2_small() -> list[tuple[int, ...]]:
@@ -63,9 +65,10 @@ class _NoLaunch:
 
 @contextmanager
 def mocked_kernels():
-    from tlr_triton.kernels import launch, tlr_step
+    from tlr_triton.kernels import adamw_step, launch, tlr_step
 
     names = ("tlr_step_kernel", "tlr_window_kernel", "tlr_alpha_kernel", "tlr_move_kernel")
+    adamw_names = ("adamw_step_kernel", "adamw_alpha_kernel", "adamw_move_kernel")
     foreach = ("_foreach_add", "_foreach_add_", "_foreach_mul_", "_foreach_mul", "_foreach_addcmul_", "_foreach_neg")
 
     def identity(tensors, *args, **kwargs):
@@ -82,8 +85,10 @@ def mocked_kernels():
             spent[0] += time.perf_counter() - t
 
     with mock.patch.multiple(tlr_step, **{n: _NoLaunch() for n in names}), \
+            mock.patch.multiple(adamw_step, **{n: _NoLaunch() for n in adamw_names}), \
             mock.patch.object(launch, "tlr_triton_step", timed_step), \
             mock.patch.object(torch, "_fused_sgd_", lambda *a, **k: None), \
+            mock.patch.object(torch, "_fused_adamw_", lambda *a, **k: None), \
             mock.patch.multiple(torch, **{n: identity for n in foreach}):
         yield spent
 
@@ -127,12 +132,16 @@ def measure(layout: str, rounds: int = 15) -> dict[str, float]:
         sgd_fused = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
         sgd_foreach = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
         tlr = TLR(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, backend="triton")
+        adamw_fused = torch.optim.AdamW(params_for(shapes), lr=1e-3, fused=True)
+        tlr_adamw = TLRAdamW(params_for(shapes), lr=1e-3, window=100, backend="triton")  # ordinary steps
         runs = {  # name → (step, steps per round, work before each step)
             "SGD fused": (sgd_fused.step, steps, None),
             "SGD foreach": (sgd_foreach.step, steps, None),
             "TLR step()": (tlr.step, steps, None),
             "TLR, memo miss": (tlr.step, max(2, steps // 4), _forget_addresses),
             "TLR, memo cleared": (tlr.step, max(2, steps // 4), launch.tables.entries.clear),
+            "AdamW fused": (adamw_fused.step, steps, None),
+            "TLRAdamW step()": (tlr_adamw.step, steps, None),
         }
         for step, _, _ in runs.values():
             step()
@@ -156,13 +165,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"Host cost per step, µs (kernels mocked), {date.today()}, {platform.machine()}, torch {torch.__version__}")
-    cols = ["TLR step()", "of it the launcher", "TLR, memo miss", "TLR, memo cleared", "SGD fused", "SGD foreach"]
-    print("| layout | " + " | ".join(cols) + " | TLR / SGD fused | miss / hit |")
-    print("|---|" + "---:|" * (len(cols) + 2))
+    cols = ["TLR step()", "of it the launcher", "TLR, memo miss", "TLR, memo cleared", "SGD fused", "SGD foreach",
+            "TLRAdamW step()", "AdamW fused"]
+    print("| layout | " + " | ".join(cols) + " | TLR / SGD fused | miss / hit | TLRAdamW / AdamW fused |")
+    print("|---|" + "---:|" * (len(cols) + 3))
     for layout in args.layout:
         r = measure(layout)
         print(f"| {layout} | " + " | ".join(f"{r[c]:.0f}" for c in cols)
-              + f" | {r['TLR step()'] / r['SGD fused']:.2f}x | {r['TLR, memo miss'] / r['TLR step()']:.2f}x |", flush=True)
+              + f" | {r['TLR step()'] / r['SGD fused']:.2f}x | {r['TLR, memo miss'] / r['TLR step()']:.2f}x"
+              + f" | {r['TLRAdamW step()'] / r['AdamW fused']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import operator
 import struct
 from array import array
 from functools import reduce
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -84,22 +85,26 @@ def adamw_triton_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, win
     device = params[0].device
     amsgrad = max_exp_avg_sqs is not None
     buckets: dict = {}
-    for i, (p, t) in enumerate(zip(params, steps)):
-        buckets.setdefault((p.dtype, t), []).append(i)
+    if len(set(steps)) == 1 and len(set(map(operator.attrgetter("dtype"), params))) == 1:  # the usual case
+        buckets[(params[0].dtype, steps[0])] = list(range(len(params)))
+    else:
+        for i, (p, t) in enumerate(zip(params, steps)):
+            buckets.setdefault((p.dtype, t), []).append(i)
     hyper = _hyper(device, betas, eps, weight_decay, maximize, bound, lr_factor)
     launches, copies, offsets, nblks, alpha_ptrs, total = [], [], [], [], [], 0
     # Working copies of gradients live until the launches: the tables hold only their addresses,
     # and a copy freed early leaves its memory to the next bucket's allocations
     alive = []
     for (dtype, t), idx in buckets.items():
-        pick = _picker(idx)
+        pick = list if len(idx) == len(params) else _picker(idx)  # one bucket: every list as it is
         work_p = [p if p.is_contiguous() else p.contiguous() for p in pick(params)]
         copies += [(params[i], w) for i, w in zip(idx, work_p) if w is not params[i]]
         work_g = [g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype) for g in pick(grads)]
         alive.append(work_g)
         state = [pick(exp_avgs), pick(window_sums), pick(prev_window_sums), pick(exp_avg_sqs)]
         state.append(pick(max_exp_avg_sqs) if amsgrad else state[3])  # an unread row without amsgrad
-        bad = next((s for rows in state for s in rows if not s.is_contiguous()), None)
+        bad = None if all(map(Tensor.is_contiguous, chain.from_iterable(state))) else next(
+            s for rows in state for s in rows if not s.is_contiguous())
         if bad is not None:
             raise ValueError("TLRAdamW's Triton path needs contiguous optimizer state; got a tensor of shape "
                              f"{tuple(bad.shape)} with strides {bad.stride()}")

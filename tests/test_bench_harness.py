@@ -66,16 +66,19 @@ def test_host_cost_mocks_every_kernel(monkeypatch):
             p.grad.fill_(1.0)
         opt = host_cost.TLR(params, lr=0.1, momentum=0.9, weight_decay=5e-4, backend="triton")
         sgd = torch.optim.SGD(host_cost.params_for([(5,)]), lr=0.1, momentum=0.9, foreach=True)
-        for p in sgd.param_groups[0]["params"]:
+        adamw = host_cost.TLRAdamW(host_cost.params_for([(6,), (2, 3)]), lr=0.1, window=2, backend="triton")
+        others = sgd.param_groups[0]["params"] + adamw.param_groups[0]["params"]
+        for p in others:
             p.grad.fill_(1.0)
-        for _ in range(4):
+        for _ in range(4):  # closings included
             opt.step()
             sgd.step()
-    assert all(bool((p == 0).all()) for p in params + sgd.param_groups[0]["params"])
+            adamw.step()
+    assert all(bool((p == 0).all()) for p in params + others)
     monkeypatch.setitem(host_cost.LAYOUTS, "tiny", lambda: [(64,)] * 3)
     result = host_cost.measure("tiny")
     assert set(result) == {"SGD fused", "SGD foreach", "TLR step()", "of it the launcher", "TLR, memo miss",
-                           "TLR, memo cleared"}
+                           "TLR, memo cleared", "AdamW fused", "TLRAdamW step()"}
     assert all(0 < v < 1e6 for v in result.values())
 
 

@@ -14,6 +14,8 @@ and its guard (issue 12).
 from __future__ import annotations
 
 import math
+import operator
+from itertools import chain
 from typing import Any
 
 import torch
@@ -27,6 +29,8 @@ from .optimizer import (_collective_device, _dtensor_group, _local, _resolve_bac
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
+_GRAD, _DEVICE, _DTYPE, _IS_SPARSE = (operator.attrgetter(a) for a in ("grad", "device", "dtype", "is_sparse"))
+_IS_FLOAT = operator.attrgetter("is_floating_point")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope")
 
 
@@ -223,22 +227,25 @@ class TLRAdamW(Optimizer):
         params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
         if not params:
             return None
-        if any(p.grad.is_sparse for p in params):
+        grads = list(map(_GRAD, params))  # C-level maps below: this runs every step, over every tensor
+        if any(map(_IS_SPARSE, grads)):
             raise RuntimeError(f"TLRAdamW does not support sparse gradients (group {index})")
-        device = params[0].device
-        if any(p.device != device or p.grad.device != device for p in params):
+        devices = set(map(_DEVICE, params)) | set(map(_DEVICE, grads))
+        if len(devices) > 1:
             raise RuntimeError(f"group {index}: every parameter and gradient must be on one device, found "
-                               f"{sorted({str(t.device) for p in params for t in (p, p.grad)})}")
-        for p in params:
-            if not p.dtype.is_floating_point or p.grad.dtype != p.dtype:
-                raise TypeError(f"group {index}: parameters and their gradients must share one floating-point dtype, "
-                                f"got {p.dtype} and {p.grad.dtype}")
+                               f"{sorted(map(str, devices))}")
+        dtypes = list(map(_DTYPE, params))
+        if dtypes != list(map(_DTYPE, grads)) or not all(map(_IS_FLOAT, set(dtypes))):
+            p = next(p for p in params if not p.dtype.is_floating_point or p.grad.dtype != p.dtype)
+            raise TypeError(f"group {index}: parameters and their gradients must share one floating-point dtype, "
+                            f"got {p.dtype} and {p.grad.dtype}")
         return params, schedule_factor(group["lr"], group["initial_lr"], index)
 
     def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None,
                     triton: bool = False) -> None:
         (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
-        params = [_local(p) for p in owners]  # a DTensor's shard (a view): state and updates are per shard
+        # a DTensor's shard (a view): state and updates are per shard (the Triton path takes no DTensors: _path)
+        params = owners if triton else [_local(p) for p in owners]
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
         # the Triton kernels address state as contiguous memory
@@ -257,20 +264,22 @@ class TLRAdamW(Optimizer):
                     for k in _STATE + ("alpha",):
                         if k in st:
                             st[k] = st[k].to(p.device)
-                if triton and not all(st[k].is_contiguous() for k in _STATE if k in st):
-                    for k in _STATE:  # state loaded or made with other strides
-                        if k in st:
-                            st[k] = st[k].contiguous()
             st["step"] += 1
         if triton:
             from .kernels.adamw_launch import adamw_triton_step
 
+            keys = _STATE if group["amsgrad"] else tuple(k for k in _STATE if k != "max_exp_avg_sq")
+            rows = [list(map(operator.itemgetter(k), states)) for k in keys]
+            if not all(map(Tensor.is_contiguous, chain.from_iterable(rows))):  # state loaded with other strides
+                for st in states:
+                    for k in keys:
+                        st[k] = st[k].contiguous()
+                rows = [list(map(operator.itemgetter(k), states)) for k in keys]
+            state = dict(zip(keys, rows))
             alphas = [st["alpha"] for st in states] if group["scope"] == "tensor" else [group["alpha"]]
             adamw_triton_step(
-                params, [_local(p.grad) for p in owners], [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states],
-                [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else None,
-                [st["window_sum"] for st in states], [st["prev_window_sum"] for st in states], alphas,
+                params, list(map(_GRAD, owners)), state["exp_avg"], state["exp_avg_sq"],
+                state.get("max_exp_avg_sq"), state["window_sum"], state["prev_window_sum"], alphas,
                 [st["step"] for st in states], betas=group["betas"], eps=eps, weight_decay=lam,
                 maximize=group["maximize"], bound=group["bound"], scope=group["scope"], closing=self._closes(group),
                 lr_factor=factor)
