@@ -46,6 +46,23 @@ from tlr_triton.reference import ReferenceTLR, ReferenceTLRAdamW  # noqa: E402
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 
 
+def lockstep(device, sizes, dtype, seed, build, build_reference, steps=8):
+    """An optimizer on ``device`` and its float64 reference on the CPU, from the same weights, after
+    ``steps`` steps on the same gradients: (optimizer, reference, its weights, the reference's)."""
+    g = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=g).to(dtype) for s in sizes]
+    ps = [t.clone().to(device).requires_grad_() for t in init]
+    qs = [t.clone().requires_grad_() for t in init]
+    opt, ref = build(ps), build_reference(qs)
+    for _ in range(steps):
+        for p, q in zip(ps, qs):
+            grad = torch.randn(q.shape, generator=g).to(dtype)
+            p.grad, q.grad = grad.to(device), grad.clone()
+        opt.step()
+        ref.step()
+    return opt, ref, ps, qs
+
+
 def check_reference(device, sizes):
     """TLR(backend="triton") against ReferenceTLR for 8 steps, every α compared."""
     worst = 0.0
@@ -58,18 +75,8 @@ def check_reference(device, sizes):
     ]
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for cfg in configs:
-            g = torch.Generator().manual_seed(0)
-            init = [torch.randn(s, generator=g).to(dtype) for s in sizes]
-            ps = [t.clone().to(device).requires_grad_() for t in init]
-            qs = [t.clone().requires_grad_() for t in init]
-            opt = TLR(ps, lr=0.05, backend="triton", **cfg)
-            ref = ReferenceTLR(qs, lr=0.05, **cfg)
-            for _ in range(8):
-                for p, q in zip(ps, qs):
-                    grad = torch.randn(q.shape, generator=g).to(dtype)
-                    p.grad, q.grad = grad.to(device), grad.clone()
-                opt.step()
-                ref.step()
+            opt, ref, ps, qs = lockstep(device, sizes, dtype, 0, lambda ps: TLR(ps, lr=0.05, backend="triton", **cfg),
+                                        lambda qs: ReferenceTLR(qs, lr=0.05, **cfg))
             for p, q in zip(ps, qs):
                 if p.numel() == 0:
                     continue
@@ -88,18 +95,9 @@ def check_adamw(device, sizes):
     configs = [dict(window=2), dict(window=3, scope="tensor", amsgrad=True, maximize=True)]
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 1e-2)):
         for cfg in configs:
-            g = torch.Generator().manual_seed(1)
-            init = [torch.randn(s, generator=g).to(dtype) for s in sizes]
-            ps = [t.clone().to(device).requires_grad_() for t in init]
-            qs = [t.clone().requires_grad_() for t in init]
-            opt = TLRAdamW(ps, lr=1e-2, backend="triton", **cfg)
-            ref = ReferenceTLRAdamW(qs, lr=1e-2, **cfg)
-            for _ in range(8):
-                for p, q in zip(ps, qs):
-                    grad = torch.randn(q.shape, generator=g).to(dtype)
-                    p.grad, q.grad = grad.to(device), grad.clone()
-                opt.step()
-                ref.step()
+            opt, ref, ps, qs = lockstep(device, sizes, dtype, 1,
+                                        lambda ps: TLRAdamW(ps, lr=1e-2, backend="triton", **cfg),
+                                        lambda qs: ReferenceTLRAdamW(qs, lr=1e-2, **cfg))
             for p, q in zip(ps, qs):
                 if p.numel():
                     err = ((p.detach().cpu().double() - q.detach().double()).abs() / (q.detach().double().abs() + 1)).max()

@@ -184,17 +184,24 @@ def recording():
             setattr(module, name, obj)
 
 
-def _drive_adamw(config: dict) -> None:
+def _params(config: dict) -> list:
+    """The weights of a configuration: its layout's shapes in its dtype (or the mixed dtypes)."""
     import torch
-
-    from tlr_triton import TLRAdamW
 
     shapes = LAYOUTS[config["layout"]]
     if config["dtype"] == "mixed":
         dtypes = [getattr(torch, MIXED[i % len(MIXED)]) for i in range(len(shapes))]
     else:
         dtypes = [getattr(torch, config["dtype"])] * len(shapes)
-    params = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+    return [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+
+
+def _drive_adamw(config: dict) -> None:
+    import torch
+
+    from tlr_triton import TLRAdamW
+
+    params = _params(config)
     opt = TLRAdamW(params, backend="triton", window=2, scope=config["scope"], **ADAMW_HYPER[config["hyper"]])
     for _ in range(2):  # an ordinary step, then a closing
         for p in params:
@@ -210,12 +217,7 @@ def _drive(config: dict, steps: int = 2) -> None:
     if config.get("optimizer") == "adamw":
         return _drive_adamw(config)
     torch.manual_seed(0)
-    shapes = LAYOUTS[config["layout"]]
-    if config["dtype"] == "mixed":
-        dtypes = [getattr(torch, MIXED[i % len(MIXED)]) for i in range(len(shapes))]
-    else:
-        dtypes = [getattr(torch, config["dtype"])] * len(shapes)
-    params = [torch.zeros(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+    params = _params(config)
     if config.get("ints"):
         hyper = dict(INT_HYPERPARAMETERS, scope=config["scope"])
     else:
