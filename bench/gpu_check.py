@@ -146,7 +146,7 @@ def adamw_speed(device):
 def check_no_sync(device):
     """Both paths, fixed and adaptive windows (with a gradient jump that trips the blow-up guard)."""
     for backend in ("triton", "torch"):
-        for window in (dict(window=2), dict()):
+        for window in (dict(window=2), dict(), dict(lr=torch.tensor(0.01))):  # a CPU tensor lr too
             params = [torch.randn(1000, device=device, requires_grad=True) for _ in range(3)]
             opt = TLR(params, momentum=MOMENTUM, backend=backend, **window)
             for p in params:
@@ -161,7 +161,8 @@ def check_no_sync(device):
                     opt.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-    print("no host sync: OK (Triton and PyTorch paths, window 2 and auto; 30 steps under set_sync_debug_mode('error'))")
+    print("no host sync: OK (Triton and PyTorch paths, window 2 and auto, a CPU tensor lr; 30 steps under "
+          "set_sync_debug_mode('error'))")
 
 
 def check_cuda_graph(device, **window):

@@ -942,8 +942,8 @@ class TLR(Optimizer):
                     group["step"] += 1
                 continue
             snapshots = functional.snapshots_allowed(factor)
-            if isinstance(factor, Tensor):
-                factor = factor.to(device=device, dtype=torch.float32)
+            if isinstance(factor, Tensor):  # non_blocking: a CPU tensor lr must not sync the host with a GPU
+                factor = factor.to(dtype=torch.float32).to(device, non_blocking=True)
             key = (backend, device, snapshots, group["statistic"], group["momentum"], group["dampening"],
                    group["nesterov"], group["scope"])
             if plan is not None:
