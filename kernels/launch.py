@@ -229,7 +229,7 @@ def tlr_triton_step(
     alive = []
     total = 0
     for number, (idx, snap) in enumerate(zip(buckets, snapshots)):
-        pick = _picker(idx)
+        pick = list if len(idx) == len(params) else _picker(idx)  # one bucket: every list as it is
         dtype = params[idx[0]].dtype
         work_p, work_g, bufs = pick(params), pick(grads), pick(momentum_buffers)
         # The usual case, checked with C-level maps (this runs every step): contiguous

@@ -397,7 +397,8 @@ class _StepPlan:
         self.all_params = list(group["params"])
         self.present = [g is not None for g in grads_all]
         self.index = [i for i, (p, g) in enumerate(zip(self.all_params, grads_all)) if g is not None and p.numel() > 0]
-        self.pick = _picker(self.index)  # the gradients of ``index`` from the group's list, C-level
+        # the gradients of ``index`` from the group's list, C-level (every tensor: the list as it is)
+        self.pick = list if self.index == list(range(len(self.all_params))) else _picker(self.index)
         self.key = key
         self.owners, self.states = owners, states
         self.params, self.bufs, self.sums, self.prevs, self.alphas, self.keys = params, bufs, sums, prevs, alphas, keys
