@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .optimizer import (_collective_device, _dtensor_group, _local, _resolve_backend, check_hyperparameters,
-                        initial_alpha, schedule_factor)
+from .optimizer import (_collective_device, _dtensor_group, _local, _resolve_backend, _ShardGroup,
+                        check_hyperparameters, initial_alpha, schedule_factor)
 
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
@@ -57,7 +57,7 @@ def _check_backend(backend) -> None:
         raise ValueError(f"Invalid backend: {backend!r} (expected 'auto', 'torch' or 'triton')")
 
 
-class TLRAdamW(Optimizer):
+class TLRAdamW(_ShardGroup, Optimizer):
     r"""AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with a trained learning rate.
 
     The weights move by α·d, d = m̂/(√v̂ + ε) + λ·w; every ``window`` steps α ← α·(1 + r)
@@ -95,29 +95,7 @@ class TLRAdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, bound=bound, window=window, scope=scope, backend=backend)
         super().__init__(params, defaults)
-        # not a group option (a process group cannot be saved); set after Optimizer.__init__, as TLR does
-        self._shard_group = shard_group
-        self._shard_group_lost = False
-
-    @property
-    def shard_group(self):
-        """The process group the window statistics are summed over (``None``: this process alone)."""
-        return self._shard_group
-
-    @shard_group.setter
-    def shard_group(self, group) -> None:
-        self._shard_group = group
-        self._shard_group_lost = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a process group cannot be copied or pickled: a copy only learns that there was one
-        return {**super().__getstate__(), "had_shard_group": self._shard_group is not None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        lost = state.pop("had_shard_group", False)
-        super().__setstate__(state)
-        self._shard_group, self._shard_group_lost = None, lost
+        self._set_shard_group(shard_group)  # not a group option (_ShardGroup, shared with TLR)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
@@ -168,11 +146,7 @@ class TLRAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._shard_group_lost:
-            raise RuntimeError(
-                "this TLRAdamW is a copy (deepcopy, pickle or torch.save) of one whose window statistics were summed "
-                "over a shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
-            )
+        self._refuse_a_lost_shard_group()
         plans = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         collectives = [self._collective(index, group) for index, group in enumerate(self.param_groups)]
         paths = [self._path(index, group, plan, collective)

@@ -426,7 +426,44 @@ class _StepPlan:
         )
 
 
-class TLR(Optimizer):
+class _ShardGroup:
+    """The ``shard_group`` option of TLR and TLRAdamW (an Optimizer mixin). A process group is not a
+    group option (a state_dict cannot hold it) and cannot be copied: a copy (deepcopy, pickle,
+    torch.save) only learns that the original had one, and refuses to step until it is set again."""
+
+    def _set_shard_group(self, group) -> None:
+        # after Optimizer.__init__: Dynamo drops attributes set before it when it builds the
+        # optimizer inside a compiled frame
+        self._shard_group, self._shard_group_lost = group, False
+
+    @property
+    def shard_group(self):
+        """The process group the window statistics are summed over (``None``: this process alone)."""
+        return self._shard_group
+
+    @shard_group.setter
+    def shard_group(self, group) -> None:
+        self._set_shard_group(group)
+
+    def _refuse_a_lost_shard_group(self) -> None:
+        if self._shard_group_lost:
+            raise RuntimeError(
+                f"this {type(self).__name__} is a copy (deepcopy, pickle or torch.save) of one whose window statistics "
+                "were summed over a shard_group; a process group is not copied: set opt.shard_group = <process group> "
+                "before step()"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "had_shard_group": self._shard_group is not None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        lost = state.pop("had_shard_group", False)
+        super().__setstate__(state)
+        self._shard_group, self._shard_group_lost = None, lost
+
+
+class TLR(_ShardGroup, Optimizer):
     r"""SGD whose learning rate α is trained by a Newton step on the line-search loss.
 
     TLR ("Trainable Learning Rate", ICLR 2022 submission) treats α as a parameter of
@@ -573,26 +610,12 @@ class TLR(Optimizer):
         if isinstance(params, (set, frozenset)):
             raise TypeError("params must be an ordered collection (a list), not a set: a set's order changes between runs")
         super().__init__(params, defaults)
-        # Not a group option: a process group cannot be saved in a state_dict. Set after
-        # Optimizer.__init__: Dynamo drops attributes set before it when it builds the
-        # optimizer inside a compiled frame.
-        self._shard_group = shard_group
-        self._shard_group_lost = False
+        self._set_shard_group(shard_group)  # not a group option (_ShardGroup)
         self._validated: dict[int, tuple] = {}  # id(group) → (the hyper-parameters last validated, their StepConfig)
         self._factors: dict[int, tuple] = {}  # id(group) → (lr, initial_lr, lr / initial_lr) for numbers
         self._plans: dict[int, _StepPlan] = {}  # id(group) → the lists its last step gathered
         self._steps = 0  # step() calls that returned
         self._state_seen = None  # (state, its keys, its values) when the last step() returned
-
-    @property
-    def shard_group(self):
-        """The process group the window statistics are summed over (``None``: this process alone)."""
-        return self._shard_group
-
-    @shard_group.setter
-    def shard_group(self, group) -> None:
-        self._shard_group = group
-        self._shard_group_lost = False
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -663,11 +686,9 @@ class TLR(Optimizer):
         return value.to(device=device, dtype=torch.float64, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
-        # torch keeps defaults, state and param_groups; a process group cannot be copied or
-        # pickled, so a copy only learns that the original had one (and refuses to step alone).
+        # torch keeps defaults, state and param_groups (and _ShardGroup whether there was a process group)
         state = super().__getstate__()
-        return {**state, "state": defaultdict(dict, {p: _compact(entry) for p, entry in state["state"].items()}),
-                "had_shard_group": self._shard_group is not None}
+        return {**state, "state": defaultdict(dict, {p: _compact(entry) for p, entry in state["state"].items()})}
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``, its window sums as tensors of their own (see ``_compact``)."""
@@ -676,12 +697,8 @@ class TLR(Optimizer):
         return state_dict
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        lost = state.pop("had_shard_group", False)
-        super().__setstate__(state)
+        super().__setstate__(state)  # _ShardGroup: the process group is forgotten
         # Attributes set in __init__ that torch's state does not carry (deepcopy, pickle, torch.save).
-        self._shard_group = None
-        self._shard_group_lost = lost
         self._validated = {}
         self._factors = {}
         self._plans = {}
@@ -906,11 +923,7 @@ class TLR(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._shard_group_lost:
-            raise RuntimeError(
-                "this TLR is a copy (deepcopy, pickle or torch.save) of one whose window statistics were summed over a "
-                "shard_group; a process group is not copied: set opt.shard_group = <process group> before step()"
-            )
+        self._refuse_a_lost_shard_group()
         checked = [self._check_group(index, group) for index, group in enumerate(self.param_groups)]
         # Whether the state maps every parameter to the same dict as when the last step()
         # returned: identity comparisons over its keys and values (a lookup per parameter
