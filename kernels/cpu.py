@@ -52,8 +52,8 @@ def _ninja_on_path():
 
 
 # OpenMP: ``at::parallel_for`` is a ``#pragma omp parallel`` in ATen's headers, compiled into the
-# module, so without -fopenmp the step runs on one thread (measured: 1.6× slower on 795k
-# parameters, 1.8× on 10M, at 2 threads). The module links libgomp by its soname: at run time it
+# module, so without -fopenmp the step runs on one thread (timed by hand, 2 threads: 1.6× slower on
+# 795k parameters, 1.8× on 10M). The module links libgomp by its soname: at run time it
 # shares the copy torch has loaded, and torch's thread count. A compiler without OpenMP builds
 # the one-thread module instead.
 _OPENMP = (["-fopenmp"], ["-fopenmp"])
