@@ -11,9 +11,11 @@ live on the CPU and every kernel is replaced by a no-op, so only the host work r
 - TLR's Triton path (``backend="triton"``, default configuration: momentum 0.9, weight
   decay, the adaptive window): its launches (three) are no-ops; "launcher" is the part spent
   in ``tlr_triton_step`` (tables, memo, launch arguments), "memo miss" a step whose
-  address tables must be rebuilt (every weight's and gradient's address changed: the group's
-  buffers, keyed on its state and layout, stay), "memo cleared" one after every table was
-  dropped (as after a state load: the group's partial sums are allocated again too);
+  address tables must be rebuilt (every gradient's address changed: the group's buffers,
+  keyed on its state and layout, stay), "memo cleared" one after the step plan and every
+  table were dropped (as after a state load: the group's partial sums are allocated again too).
+  An ordinary step finds every weight and gradient as at the last one (one native pass,
+  ``kernels.cpu.same_layout``) and repeats its launches;
 - ``torch.optim.SGD(momentum=0.9, fused=True)``: ``torch._fused_sgd_`` is a no-op;
 - ``torch.optim.SGD(momentum=0.9, foreach=True)``: its ``torch._foreach_*`` ops are no-ops;
 - ``TLRAdamW(backend="triton")`` (ordinary steps: one launch per bucket) against
@@ -100,13 +102,33 @@ def params_for(shapes):
     return ps
 
 
-def _forget_addresses() -> None:
-    """Drop the launcher's address tables (keyed on the tensors' addresses), as when every weight
-    and gradient moved; the group tables (keyed on the state and the layout) stay."""
+def _moved_gradients(params):
+    """Before a step, what "every weight and gradient moved" costs the host: each gradient is
+    swapped for one at another address (two sets, taking turns) and the launcher's address
+    tables are dropped (the group tables, keyed on its state and layout, stay). The native pass
+    then sees the change, and the step takes the full checks and rebuilds its tables."""
     from tlr_triton.kernels import launch
 
-    for key in [k for k in launch.tables.entries if k[0] != "group"]:
-        del launch.tables.entries[key]
+    other = [torch.zeros_like(p) for p in params]
+
+    def move():
+        for i, p in enumerate(params):
+            p.grad, other[i] = other[i], p.grad
+        for key in [k for k in launch.tables.entries if k[0] != "group"]:
+            del launch.tables.entries[key]
+    return move
+
+
+def _state_loaded(opt):
+    """Before a step, what a state load leaves: no step plan, no table (the group's partial sums
+    are allocated again too)."""
+    from tlr_triton.kernels import launch
+
+    def clear():
+        opt._plans.clear()
+        launch.tables.entries.clear()
+        launch.steady.entries.clear()
+    return clear
 
 
 def _round(step, steps: int, before=None) -> float:
@@ -131,15 +153,16 @@ def measure(layout: str, rounds: int = 15) -> dict[str, float]:
     with mocked_kernels() as spent:
         sgd_fused = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
         sgd_foreach = torch.optim.SGD(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
-        tlr = TLR(params_for(shapes), lr=0.01, momentum=0.9, weight_decay=5e-4, backend="triton")
+        tlr_params = params_for(shapes)
+        tlr = TLR(tlr_params, lr=0.01, momentum=0.9, weight_decay=5e-4, backend="triton")
         adamw_fused = torch.optim.AdamW(params_for(shapes), lr=1e-3, fused=True)
         tlr_adamw = TLRAdamW(params_for(shapes), lr=1e-3, window=100, backend="triton")  # ordinary steps
         runs = {  # name → (step, steps per round, work before each step)
             "SGD fused": (sgd_fused.step, steps, None),
             "SGD foreach": (sgd_foreach.step, steps, None),
             "TLR step()": (tlr.step, steps, None),
-            "TLR, memo miss": (tlr.step, max(2, steps // 4), _forget_addresses),
-            "TLR, memo cleared": (tlr.step, max(2, steps // 4), launch.tables.entries.clear),
+            "TLR, memo miss": (tlr.step, max(2, steps // 4), _moved_gradients(tlr_params)),
+            "TLR, memo cleared": (tlr.step, max(2, steps // 4), _state_loaded(tlr)),
             "AdamW fused": (adamw_fused.step, steps, None),
             "TLRAdamW step()": (tlr_adamw.step, steps, None),
         }

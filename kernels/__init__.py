@@ -5,7 +5,9 @@
 - ``adamw_step.py``, ``adamw_launch.py``: TLRAdamW's three kernels (step, α, move) and their
   launches (``adamw_triton_step``), sharing ``tlr_step``'s helpers and ``launch``'s memos.
 - ``cpu_step.cpp``, ``cpu.py``: the PyTorch path's fused CPU step (C++, built on first use
-  with torch's extension builder; ``cpu.extension()``), used by ``functional._tlr_cpu``.
+  with torch's extension builder; ``cpu.extension()``), used by ``functional._tlr_cpu``; and
+  the Triton path's host-side pass over a group's tensors (``cpu.layout_record``,
+  ``cpu.same_layout``), with which a step whose tensors did not change skips its checks.
 
 Importing this package does not import Triton; ``tlr_triton.kernels.launch`` does. On a
 machine without a GPU the kernels run through Triton's interpreter, which needs

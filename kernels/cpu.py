@@ -1,8 +1,9 @@
-"""TLR's fused CPU step (``cpu_step.cpp``), built on first use with torch's C++ extension tools.
+"""TLR's fused CPU step (``cpu_step.cpp``), built on first use with torch's C++ extension tools,
+and the Triton path's host-side pass over a group's tensors (``layout_record``, ``same_layout``).
 
 ``extension()`` gives the compiled module, or None where it cannot be built (no C++ compiler,
 no ninja, or ``TLR_CPU_KERNEL=0`` in the environment): the PyTorch path then runs torch's own
-ops, with a warning that says why. The build takes about half a minute once; torch caches it
+ops, with a warning that says why, and the Triton path checks every tensor at every step. The build takes about half a minute once; torch caches it
 (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and rebuilds it only when
 the source or the flags change.
 """
@@ -77,10 +78,35 @@ def extension():
                 except Exception as exc:  # noqa: BLE001 - any build failure: try without OpenMP, then torch's ops
                     errors.append(f"{type(exc).__name__}: {exc}")
             if module is None:
-                warnings.warn(f"tlr_triton: the fused CPU step could not be built ({errors[-1]}); "
-                              "TLR runs on torch's own CPU ops (slower at a unit's end)", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"tlr_triton: the native module (fused CPU step) could not be built ({errors[-1]}); "
+                              "TLR runs on torch's own CPU ops (slower at a unit's end), and its Triton path checks "
+                              "every tensor at every step", RuntimeWarning, stacklevel=3)
             elif errors:
                 warnings.warn(f"tlr_triton: the fused CPU step was built without OpenMP ({errors[0]}): it runs on "
                               "one thread", RuntimeWarning, stacklevel=3)
         _LOADED.append(module)
     return _LOADED[0]
+
+
+# The Triton path's host side (``layout`` in cpu_step.cpp): a group's layout record.
+def layout_record(params):
+    """An int64 [n, 7] record of ``params``' identities, addresses, sizes, dtypes, devices and
+    contiguity and their gradients' (cpu_step.cpp, ``layout``; the addresses in columns 1 and 4),
+    or None where the module is not built or a tensor has no plain storage (a DTensor, a sparse
+    gradient)."""
+    module = extension()
+    if module is None:
+        return None
+    import torch
+
+    record = torch.empty((len(params), module.layout_fields()), dtype=torch.int64)
+    return record if module.layout(params, record, True) == 0 else None
+
+
+SAME, MOVED, CHANGED = 0, 1, 2  # what ``same_layout`` finds
+
+
+def same_layout(params, record) -> int:
+    """Whether ``params`` and their gradients are still as ``record`` (``layout_record``) holds
+    them: SAME; MOVED where only addresses differ (the record then holds the new ones); CHANGED."""
+    return _LOADED[0].layout(params, record, False)

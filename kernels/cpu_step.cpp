@@ -250,8 +250,80 @@ int64_t parallel_threads(int64_t tasks) {
   return most.load();
 }
 
+// ---- Host side of the Triton path (kernels/cpu.py: layout_record, same_layout) ----
+// What the Triton path's host work depends on, per parameter: its identity, address, size,
+// dtype, device and contiguity, and its gradient's (address 0: no gradient). Read from
+// Python that is a dozen attribute reads per tensor, each a map over the group (~100 µs for
+// GPT-2 small's 148 tensors); here one pass. A row per parameter of LAYOUT_FIELDS int64s.
+constexpr int64_t LAYOUT_FIELDS = 7;
+
+static int64_t layout_code(const at::Tensor& t) {
+  const at::Device device = t.device();
+  return static_cast<int64_t>(t.scalar_type()) | (static_cast<int64_t>(device.type()) << 8) |
+         (static_cast<int64_t>(device.index() + 1) << 16) | (static_cast<int64_t>(t.is_contiguous()) << 32);
+}
+
+// ``row`` for ``p``; false where p or its gradient is not a plain strided tensor with storage
+// (a DTensor, a sparse gradient, ...): such a group has no record.
+static bool layout_row(const at::Tensor& p, int64_t* row) {
+  if (!p.defined() || p.layout() != at::kStrided || !p.has_storage()) return false;
+  const at::Tensor& g = p.grad();
+  row[0] = reinterpret_cast<int64_t>(p.unsafeGetTensorImpl());
+  row[1] = reinterpret_cast<int64_t>(p.const_data_ptr());
+  row[2] = p.numel();
+  row[3] = layout_code(p);
+  if (!g.defined()) {
+    row[4] = row[5] = row[6] = 0;
+    return true;
+  }
+  if (g.layout() != at::kStrided || !g.has_storage()) return false;
+  row[4] = reinterpret_cast<int64_t>(g.const_data_ptr());
+  row[5] = g.numel();
+  row[6] = layout_code(g);
+  return true;
+}
+
+// With ``write``: fills ``record`` (int64 [n, LAYOUT_FIELDS], contiguous, on the CPU) for
+// ``params``; returns 0, or 2 where a row cannot be made. Without: compares ``params`` with
+// ``record``: 0 where every row is the same; 1 where only addresses differ (a weight's or a
+// gradient's, each still 16-byte aligned or still not, with everything else the same: the
+// record then takes the new addresses); else 2.
+int64_t layout(const std::vector<at::Tensor>& params, at::Tensor record, bool write) {
+  TORCH_CHECK(record.scalar_type() == at::kLong && record.is_contiguous() && record.device().is_cpu() &&
+                  record.dim() == 2 && record.size(1) == LAYOUT_FIELDS,
+              "a layout record is a contiguous int64 CPU tensor [n, ", LAYOUT_FIELDS, "]");
+  if (record.size(0) != static_cast<int64_t>(params.size())) return 2;
+  int64_t* const first = record.data_ptr<int64_t>();
+  int64_t row[LAYOUT_FIELDS];
+  bool moved = false;
+  int64_t* rows = first;
+  for (size_t i = 0; i < params.size(); ++i, rows += LAYOUT_FIELDS) {
+    if (!layout_row(params[i], row)) return 2;
+    if (write) {
+      std::copy(row, row + LAYOUT_FIELDS, rows);
+      continue;
+    }
+    for (int64_t k = 0; k < LAYOUT_FIELDS; ++k) {
+      if (row[k] == rows[k]) continue;
+      if (k != 1 && k != 4) return 2;  // not an address
+      if ((row[k] % 16 == 0) != (rows[k] % 16 == 0)) return 2;  // the kernels' ALIGN would change
+      moved = true;
+    }
+  }
+  if (!moved) return 0;
+  rows = first;  // only addresses moved: the record takes them
+  for (size_t i = 0; i < params.size(); ++i, rows += LAYOUT_FIELDS) {
+    layout_row(params[i], row);
+    rows[1] = row[1];
+    rows[4] = row[4];
+  }
+  return 1;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "TLR's step for same-dtype CPU tensors (see cpu_step.cpp)");
   m.def("move", &move, "the move that a unit's end deferred");
+  m.def("layout", &layout, "write or compare a group's layout record (the Triton path's host side)");
+  m.def("layout_fields", []() { return LAYOUT_FIELDS; });
   m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for runs tasks on (1: built without OpenMP)");
 }

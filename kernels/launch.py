@@ -12,7 +12,10 @@ flags, so they are memoised on exactly that key (with a caller's ``state_token``
 in place of the state tensors' addresses): they are rebuilt whenever an address changes
 (``load_state_dict``, ``.to()``, a new param group, gradients reallocated elsewhere) and
 reused otherwise. Block maps depend on the sizes alone and hyper-parameter vectors on their
-values: each has a memo of its own, so new addresses do not rebuild them.
+values: each has a memo of its own, so new addresses do not rebuild them. A caller that
+vouches that the tensors are as at its last call (``layout_unchanged``: the optimizer's
+native layout pass) gets that call's launches again without a look at any tensor
+(``steady``), their tables patched where only addresses moved (``addresses``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from torch import Tensor
 
 from . import tlr_step as K  # the package's only import: kernels/ is the leaf of the import graph
 
-_DTYPE = operator.attrgetter("dtype")
-PARAM_ROW, PREV_ROW, NUMEL_ROW = K.PARAM.value, K.PREV.value, K.NUMEL.value  # rows of the address table
+_DTYPE, _GRAD = operator.attrgetter("dtype"), operator.attrgetter("grad")
+PARAM_ROW, GRAD_ROW, PREV_ROW, NUMEL_ROW = K.PARAM.value, K.GRAD.value, K.PREV.value, K.NUMEL.value  # table rows
 TABLE_ROWS = K.TABLE_ROWS
 
 BLOCK = 1024   # elements per program of the step and move kernels (half that for fp64 weights: see block_size)
@@ -66,7 +69,9 @@ class _Memo:
         if hit is not None:  # not moved to the end: that hashes the (long) key a second time
             return hit
         self.builds += 1
-        value = build()
+        return self.put(key, build())
+
+    def put(self, key, value):
         self.entries[key] = value
         if len(self.entries) > _CACHE_SIZE:  # the oldest entry goes, in use or not: at worst it is rebuilt
             self.entries.popitem(last=False)
@@ -76,6 +81,9 @@ class _Memo:
 tables = _Memo()
 blocks = _Memo()  # block maps, by sizes (``_block_map``)
 hypers = _Memo()  # hyper-parameter vectors, by values (``_hyper``)
+# A group's launches, by its caller's state token, for steps whose tensors are as at the last
+# one (``layout_unchanged``): kept only where they hold no working copy and no first step
+steady = _Memo()
 
 
 _PROGRAMS_PER_SM = 4  # the move kernel's persistent grid: programs per streaming multiprocessor
@@ -138,7 +146,7 @@ def _bucket_table(head, state_ptrs, tail, itemsize):
     # the block map depends on the sizes alone: new addresses (gradients reallocated) reuse it
     blk, nblk = blocks.get((device, block, numels), lambda: _block_map(device, block, numels))
     align = _alignment(rows, tab, n, itemsize)
-    return tables.builds, tab.to(device, non_blocking=True), blk, align, block, nblk, sum(nblk), a
+    return tables.builds, tab.to(device, non_blocking=True), blk, align, block, nblk, sum(nblk), a, tab
 
 
 def _block_map(device, block, numels):
@@ -171,6 +179,82 @@ def _scope_table(device, nblks, part_offsets, alpha_ptrs):
     return torch.tensor([starts, ends, alpha_ptrs], dtype=torch.int64).to(device, non_blocking=True)
 
 
+def _plan_launches(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, momentum, scope, device,
+                   buckets, snapshots, first_steps, state_token):
+    """Per bucket, its tables (memoised) and launch arguments (``tlr_triton_step``); creates the
+    momentum buffers of first steps. Returns the launches, the group's blocks, the blocks per
+    tensor and the first block of each bucket, the α addresses (scope "tensor"), the tables'
+    serials, the weights' working copies, the gradients' (to keep alive until the launches)
+    and whether a tensor took its first step."""
+    launches, serials, part_offsets, nblks, alpha_ptrs, host_tabs = [], [], [], [], [], []
+    copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
+    # Working copies of gradients live until the launches: the tables hold only their addresses,
+    # and a copy freed early leaves its memory to the next bucket's allocations (a review found it)
+    alive = []
+    total, new = 0, False
+    for number, (idx, snap) in enumerate(zip(buckets, snapshots)):
+        pick = list if len(idx) == len(params) else _picker(idx)  # one bucket: every list as it is
+        dtype = params[idx[0]].dtype
+        work_p, work_g, bufs = pick(params), pick(grads), pick(momentum_buffers)
+        # The usual case, checked with C-level maps (this runs every step): contiguous
+        # weights, contiguous gradients of the weights' dtype, every momentum buffer there.
+        if not all(map(Tensor.is_contiguous, work_p)):
+            work_p = [p if p.is_contiguous() else p.contiguous() for p in work_p]
+            copies += [(params[i], pc) for i, pc in zip(idx, work_p) if pc is not params[i]]
+        if not (all(map(Tensor.is_contiguous, work_g)) and set(map(_DTYPE, work_g)) == {dtype}):
+            work_g = [g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype) for g in work_g]
+            alive.append(work_g)
+        if first_steps is not None:
+            firsts = tuple(int(first_steps[i]) for i in idx)
+            new = new or any(firsts)
+        elif momentum != 0 and any(map(operator.is_, bufs, repeat(None))):
+            firsts = tuple(int(b is None) for b in bufs)
+            new = True
+            for j, i in enumerate(idx):
+                if bufs[j] is None:  # b = u at this first step; the state dtype
+                    momentum_buffers[i] = bufs[j] = torch.zeros_like(work_p[j], dtype=prev_window_sums[i].dtype,
+                                                                     memory_format=torch.contiguous_format)
+        else:
+            firsts = (0,) * len(idx)
+        ptr = Tensor.data_ptr
+
+        def state_ptrs(bufs=bufs, pick=pick):
+            return (tuple(map(ptr, bufs)) if momentum != 0 else None,
+                    tuple(map(ptr, pick(window_sums))), tuple(map(ptr, pick(prev_window_sums))),
+                    (alphas[0].data_ptr(),) if scope == "group" else tuple(map(ptr, pick(alphas))))
+
+        head = (device, dtype, tuple(map(ptr, work_p)), tuple(map(ptr, work_g)))
+        tail = (tuple(map(Tensor.numel, work_p)), firsts)
+        state = state_ptrs() if state_token is None else None
+        key = head + (state if state is not None else ("state", state_token, number)) + tail
+        itemsize = min(dtype.itemsize, prev_window_sums[idx[0]].dtype.itemsize)
+        serial, tab, blk, align, block, nblk, n_blocks, a_ptrs, host_tab = tables.get(
+            key, lambda: _bucket_table(head, state if state is not None else state_ptrs(), tail, itemsize))
+        serials.append(serial)
+        launches.append((idx, dtype, snap, tab, blk, align, block, len(idx), n_blocks, total))
+        host_tabs.append(host_tab)
+        part_offsets.append(total)
+        nblks.append(nblk)
+        total += n_blocks
+        if scope == "tensor":
+            alpha_ptrs += a_ptrs
+    return launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials, copies, alive, new
+
+
+def _moved(launches, host_tabs, addresses: Tensor, n_params: int, device):
+    """The launches, and their tables' host copies, with the weights' and gradients' addresses
+    taken from ``addresses`` (int64 [n_params, 2], in the launcher's order): a step whose tensors
+    moved and did nothing else (``tlr_triton_step``'s ``addresses``; each address is still 16-byte
+    aligned or still not, so ALIGN stands)."""
+    out, hosts = [], []
+    for (idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset), host in zip(launches, host_tabs):
+        rows = host.clone()
+        rows[PARAM_ROW:GRAD_ROW + 1] = (addresses if n == n_params else addresses[idx]).t()
+        out.append((idx, dtype, snap, rows.to(device, non_blocking=True), blk, align, block, n, n_blocks, offset))
+        hosts.append(rows)
+    return out, hosts
+
+
 def tlr_triton_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -191,6 +275,8 @@ def tlr_triton_step(
     first_steps: list[bool] | None = None,
     snapshot_form: tuple[float, float] = (0.0, 1.0),
     state_token: object = None,
+    layout_unchanged: bool = False,
+    addresses: Tensor | None = None,
 ) -> None:
     """One TLR step of one param group on the Triton path (see the module docstring).
 
@@ -217,61 +303,38 @@ def tlr_triton_step(
     buffer, A or S, P, α) may have been replaced; while it stays the same, the address
     tables are keyed on it instead of on the state tensors' addresses (only the weights',
     the gradients' and the new-buffer flags are read every step).
+
+    ``layout_unchanged``: the caller vouches that, with the same ``state_token``, the weights
+    and gradients have the addresses, sizes, dtypes and contiguity they had at the last call
+    (``tlr_triton.kernels.cpu.same_layout``; ``grads`` may then be None: they are read off
+    ``params`` where needed). The last call's launches are then issued again without a look
+    at any tensor, where it left any (not after a step that made working copies or new buffers).
+    ``addresses``: with ``layout_unchanged``, where the weights or gradients moved and nothing
+    else changed: their addresses now (int64 [len(params), 2], a native pass's record, not
+    read from the tensors); the tables repeated take them.
     """
     momentum, scope, window, units = config.momentum, config.scope, config.window, config.units
     blowup_ratio = config.blowup_ratio if units > 1 else None  # the guard watches adaptive windows only
     device = step.device
-    launches = []
-    serials, part_offsets, nblks, alpha_ptrs = [], [], [], []
-    copies = []  # (parameter, contiguous working copy) for non-contiguous parameters
-    # Working copies of gradients live until the launches: the tables hold only their addresses,
-    # and a copy freed early leaves its memory to the next bucket's allocations (a review found it)
-    alive = []
-    total = 0
-    for number, (idx, snap) in enumerate(zip(buckets, snapshots)):
-        pick = list if len(idx) == len(params) else _picker(idx)  # one bucket: every list as it is
-        dtype = params[idx[0]].dtype
-        work_p, work_g, bufs = pick(params), pick(grads), pick(momentum_buffers)
-        # The usual case, checked with C-level maps (this runs every step): contiguous
-        # weights, contiguous gradients of the weights' dtype, every momentum buffer there.
-        if not all(map(Tensor.is_contiguous, work_p)):
-            work_p = [p if p.is_contiguous() else p.contiguous() for p in work_p]
-            copies += [(params[i], pc) for i, pc in zip(idx, work_p) if pc is not params[i]]
-        if not (all(map(Tensor.is_contiguous, work_g)) and set(map(_DTYPE, work_g)) == {dtype}):
-            work_g = [g if g.dtype == dtype and g.is_contiguous() else g.contiguous().to(dtype) for g in work_g]
-            alive.append(work_g)
-        if first_steps is not None:
-            firsts = tuple(int(first_steps[i]) for i in idx)
-        elif momentum != 0 and any(map(operator.is_, bufs, repeat(None))):
-            firsts = tuple(int(b is None) for b in bufs)
-            for j, i in enumerate(idx):
-                if bufs[j] is None:  # b = u at this first step; the state dtype
-                    momentum_buffers[i] = bufs[j] = torch.zeros_like(work_p[j], dtype=prev_window_sums[i].dtype,
-                                                                     memory_format=torch.contiguous_format)
-        else:
-            firsts = (0,) * len(idx)
-        ptr = Tensor.data_ptr
-
-        def state_ptrs(bufs=bufs, pick=pick):
-            return (tuple(map(ptr, bufs)) if momentum != 0 else None,
-                    tuple(map(ptr, pick(window_sums))), tuple(map(ptr, pick(prev_window_sums))),
-                    (alphas[0].data_ptr(),) if scope == "group" else tuple(map(ptr, pick(alphas))))
-
-        head = (device, dtype, tuple(map(ptr, work_p)), tuple(map(ptr, work_g)))
-        tail = (tuple(map(Tensor.numel, work_p)), firsts)
-        state = state_ptrs() if state_token is None else None
-        key = head + (state if state is not None else ("state", state_token, number)) + tail
-        itemsize = min(dtype.itemsize, prev_window_sums[idx[0]].dtype.itemsize)
-        serial, tab, blk, align, block, nblk, n_blocks, a_ptrs = tables.get(
-            key, lambda: _bucket_table(head, state if state is not None else state_ptrs(), tail, itemsize))
-        serials.append(serial)
-        launches.append((idx, dtype, snap, tab, blk, align, block, len(idx), n_blocks, total))
-        part_offsets.append(total)
-        nblks.append(nblk)
-        total += n_blocks
-        if scope == "tensor":
-            alpha_ptrs += a_ptrs
-
+    again = steady.entries.get(state_token) if layout_unchanged else None
+    if again is not None and again[0] == snapshots:
+        _, launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials = again
+        if addresses is not None:  # the tensors moved: the tables take their new addresses (kept for the next step)
+            launches, host_tabs = _moved(launches, host_tabs, addresses, len(params), device)
+            again[1:3] = launches, host_tabs
+        copies = ()
+    else:
+        if grads is None:
+            grads = list(map(_GRAD, params))
+        launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials, copies, alive, new = _plan_launches(
+            params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, momentum, scope, device, buckets,
+            snapshots, first_steps, state_token)
+        if state_token is not None:
+            if copies or alive or new:  # working copies and first steps are not repeated
+                steady.entries.pop(state_token, None)
+            else:
+                steady.put(state_token,
+                           [list(snapshots), launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials])
     def build_group():
         width = max(total, 1)
         # one float64 allocation: the guard's caps (α's factor, α's ceiling), then the partials

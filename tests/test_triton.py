@@ -14,8 +14,12 @@ pytest.importorskip("triton")
 
 from helpers import assert_matches_reference, lockstep, make_params, set_grads, twin, window_state  # noqa: E402
 from tlr_triton import TLR  # noqa: E402
+from tlr_triton import optimizer as optimizer_module  # noqa: E402
+from tlr_triton.kernels import cpu as native  # noqa: E402
 from tlr_triton.kernels import launch  # noqa: E402
 from tlr_triton.reference import ReferenceTLR  # noqa: E402
+
+needs_native = pytest.mark.skipif(native.extension() is None, reason="the native module cannot be built here")
 
 MOMENTA = {
     "plain": dict(momentum=0.0),
@@ -306,6 +310,180 @@ def test_tables_follow_state_tensors_replaced_while_gradients_stay_in_place():
         built.append(launch.tables.builds > before)
         assert_matches_reference(opt, ref, params, qs, **FP32, msg=f"step {t}")
     assert [t for t, b in enumerate(built) if b] == [0, 1, 5, 7, 9], built  # step 1: the new buffers' flags
+
+
+# What the steady step (``_StepPlan.record``: one native pass finds every weight and gradient as
+# at the plan's last step, and the launcher repeats its launches) must notice, applied before
+# step 5; and the steps whose launches are planned afresh (step 0: new buffers, nothing kept;
+# 1: the launches kept), with it: a gradient of another dtype or layout takes a working copy at
+# every step, and a new parameter's first step (new buffers) keeps nothing.
+LAYOUT_CHANGES = {
+    "new gradient tensors": (lambda ps: [setattr(p, "grad", p.grad.clone()) for p in ps], [0, 1]),
+    "a gradient dropped": (lambda ps: setattr(ps[0], "grad", None), [0, 1, 5]),
+    "weights moved": (lambda ps: [setattr(p, "data", p.data.clone()) for p in ps], [0, 1]),
+    "a transposed gradient at the same address": (lambda ps: setattr(ps[0], "grad", ps[0].grad.t()),
+                                                  [0, 1, 5, 6, 7, 8]),
+    "a weight's dtype": (lambda ps: setattr(ps[2], "data", ps[2].data.double()), [0, 1, 5, 6, 7, 8]),
+    "a parameter swapped for another": (
+        lambda ps: (ps.__setitem__(4, torch.zeros(2, 3, requires_grad=True)), setattr(ps[4], "grad", torch.zeros(2, 3))),
+        [0, 1, 5, 6]),
+    "a momentum buffer replaced": (None, [0, 1, 5]),  # the plan's state check
+}
+
+
+@pytest.mark.parametrize("change", list(LAYOUT_CHANGES))
+@needs_native
+def test_steady_steps_follow_every_change_of_the_tensors(change, monkeypatch):
+    """Gradients written in place (a training loop's usual case): from the third step on, the
+    steady step serves (no table is looked at), and a change of any weight or gradient (its
+    address, presence, size, dtype, contiguity, the parameter itself) or of the state sends the
+    step back through the full checks. Bit for bit what the same run gives with the steady step
+    turned off, where every step checks everything."""
+    def run(steady: bool):
+        shapes = [(3, 3), (), (4,), (7,), (2, 3), (5,), (12,)]
+        torch.manual_seed(0)
+        params = [torch.randn(s).requires_grad_() for s in shapes]
+        opt = TLR(params, lr=0.05, momentum=0.9, weight_decay=1e-2, window=2, max_window=8, backend="triton")
+        group = opt.param_groups[0]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        planned = []
+        real = launch._plan_launches
+
+        def spy(*args, **kwargs):
+            planned.append(planned_steps[-1])
+            return real(*args, **kwargs)
+
+        planned_steps = []
+        with monkeypatch.context() as m:
+            m.setattr(launch, "_plan_launches", spy)
+            if not steady:
+                m.setattr(optimizer_module, "same_layout", lambda params, record: native.CHANGED)
+            for t in range(9):
+                if t == 5:
+                    edit = LAYOUT_CHANGES[change][0]
+                    if edit is None:
+                        st = opt.state[params[3]]
+                        st["momentum_buffer"] = st["momentum_buffer"].clone()
+                    else:
+                        edit(group["params"])
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(t)))
+                planned_steps.append(t)
+                opt.step()
+        return opt, group["params"], sorted(set(planned))
+
+    fast, fast_params, fast_planned = run(True)
+    slow, slow_params, slow_planned = run(False)
+    assert slow_planned == list(range(9))
+    assert fast_planned == LAYOUT_CHANGES[change][1], fast_planned
+    for p, q in zip(fast_params, slow_params):
+        assert p.dtype == q.dtype and torch.equal(p, q)
+    assert torch.equal(fast.param_groups[0]["alpha"], slow.param_groups[0]["alpha"])
+
+
+@needs_native
+def test_moving_gradients_are_taken_by_the_repeated_launches():
+    """Gradients in new tensors at every step (``zero_grad(set_to_none=True)``) in a group of two
+    dtypes (two buckets): the repeated launches take the new addresses, and no table is built
+    after the first steps — except once where a gradient's address stops being 16-byte aligned
+    (from step 6 on, 4 bytes past a boundary: ALIGN changes, the step takes the full checks).
+    Every step matches the float64 reference."""
+    shapes, dtypes = [(5, 4), (8,), (7,), (4, 4)], [torch.float32, torch.float32, torch.float64, torch.float32]
+    params = [torch.randn(s, dtype=d, requires_grad=True) for s, d in zip(shapes, dtypes)]
+    qs = [p.detach().double().clone().requires_grad_() for p in params]
+    cfg = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, window=2, max_window=8)
+    opt, ref = TLR(params, backend="triton", **cfg), ReferenceTLR(qs, **cfg)
+    built, aligns = [], []
+    for t in range(10):
+        for i, (p, q) in enumerate(zip(params, qs)):
+            g = torch.randn(p.shape, dtype=torch.float64)
+            p.grad = torch.empty(9, dtype=p.dtype)[1:].copy_(g) if i == 1 and t >= 6 else g.to(p.dtype)
+            q.grad = p.grad.double()
+        builds = launch.tables.builds
+        opt.step()
+        ref.step()
+        built.append(launch.tables.builds > builds)
+        entry = launch.steady.entries.get(opt._plans[id(opt.param_groups[0])].serial)
+        aligns.append(entry and [item[5] for item in entry[1]])  # each bucket's ALIGN
+        assert_matches_reference(opt, ref, params, qs, **FP32, msg=f"step {t}")
+    assert [t for t, b in enumerate(built) if b] == [0, 1, 6], built
+    assert aligns == [None] + [[4, 1]] * 5 + [[1, 1]] * 4, aligns
+
+
+@pytest.mark.parametrize("size", [6, 24])
+def test_a_weight_resized_under_its_state_is_refused_before_any_change(size):
+    """``p.data`` replaced by a tensor of another size (the kernels take sizes from the weights:
+    a larger one would run past its state): a clear error, and no group steps, not even the
+    first, which is fine."""
+    a, b = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    opt = TLR([{"params": [a]}, {"params": [b]}], lr=0.05, momentum=0.9, window=2, backend="triton")
+    for _ in range(3):
+        a.grad, b.grad = torch.randn(12), torch.randn(12)
+        opt.step()
+    b.data, b.grad = torch.randn(size), torch.randn(size)
+    before = [a.detach().clone(), *(g["alpha"].clone() for g in opt.param_groups),
+              *(g["step"].clone() for g in opt.param_groups)]
+    with pytest.raises(ValueError, match=f"parameter 0 of group 1 does not fit it: momentum_buffer holds 12 "
+                                         f"elements, the parameter {size}"):
+        opt.step()
+    after = [a, *(g["alpha"] for g in opt.param_groups), *(g["step"] for g in opt.param_groups)]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_state_follows_a_weight_to_another_dtype():
+    """``p.data = p.data.double()`` mid-run: the state follows (the kernels read it at the
+    weights' width: it ran past fp32 buffers before), and the run continues as one whose state
+    was converted by hand."""
+    def run(by_hand: bool):
+        torch.manual_seed(0)
+        w = torch.randn(7, requires_grad=True)
+        opt = TLR([w], lr=0.05, momentum=0.9, weight_decay=1e-2, window=2, backend="triton")
+        for t in range(6):
+            if t == 3:
+                w.data = w.data.double()
+                if by_hand:
+                    st = opt.state[w]
+                    for k in ("momentum_buffer", "window_start", "prev_window_sum"):
+                        st[k] = st[k].double()
+            w.grad = torch.randn(7, generator=torch.Generator().manual_seed(t)).to(w.dtype)
+            opt.step()
+        return w, opt
+
+    w, opt = run(False)
+    v, ref = run(True)
+    assert w.dtype == torch.float64 and opt.state[w]["momentum_buffer"].dtype == torch.float64
+    assert torch.equal(w, v) and torch.equal(opt.param_groups[0]["alpha"], ref.param_groups[0]["alpha"])
+
+
+@needs_native
+def test_steady_step_leaves_a_sparse_gradient_to_the_full_checks():
+    """A sparse gradient where the steady step served: rejected before anything changes."""
+    emb = torch.randn(5, 2, requires_grad=True)
+    w = torch.randn(3, requires_grad=True)
+    opt = TLR([emb, w], lr=0.05, backend="triton")
+    emb.grad, w.grad = torch.ones(5, 2), torch.ones(3)
+    for _ in range(3):
+        opt.step()
+    assert opt._plans[id(opt.param_groups[0])].record is not None
+    before = [emb.detach().clone(), w.detach().clone(), opt.param_groups[0]["alpha"].clone()]
+    emb.grad = torch.ones(5, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, [emb, w, opt.param_groups[0]["alpha"]]))
+
+
+def test_without_the_native_module_every_step_takes_the_full_checks(monkeypatch):
+    from tlr_triton.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_LOADED", [None])
+    params = make_params(dtype=torch.float32)
+    opt = TLR(params, lr=0.05, momentum=0.9, window=2, backend="triton")
+    set_grads([params], 0)
+    for _ in range(3):
+        opt.step()
+    assert opt._plans[id(opt.param_groups[0])].record is None
 
 
 @pytest.mark.parametrize("cfg", [dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True, scope="tensor"),

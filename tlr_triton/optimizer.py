@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
+from .kernels.cpu import CHANGED, MOVED, same_layout  # the native module: no Triton import
+from .kernels.cpu import layout_record as _layout_record
 from .functional import DECAY_SHARE, GROWTH, MOVE_FLOOR, advance_step, state_dtype, tlr, window_representation
 
 __all__ = ["TLR", "check_hyperparameters", "window_schedule", "DEFAULT_LR", "DEFAULT_WINDOW", "AUTO_WINDOW",
@@ -52,7 +54,8 @@ DEFAULT_BLOWUP_RATIO = 16.0
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
 _GRAD, _DTYPE, _DEVICE = operator.attrgetter("grad"), operator.attrgetter("dtype"), operator.attrgetter("device")
-_IS_SPARSE = operator.attrgetter("is_sparse")
+_ADDRESS_FIELDS = slice(1, 5, 3)  # the weight's and the gradient's address in a layout record (kernels/cpu_step.cpp)
+_IS_SPARSE, _SHAPE_DEVICE = operator.attrgetter("is_sparse"), operator.attrgetter("shape", "device")
 _STATE_KEYS = ("momentum_buffer", "window_sum", "window_start", "prev_window_sum", "alpha")
 
 
@@ -290,6 +293,18 @@ def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tens
         state["window_sum"] = a.contiguous()
 
 
+def _state_follows(p: Tensor, state: dict[str, Any]) -> None:
+    """A parameter moved to another device or dtype after its state was made (``model.to(...)``,
+    ``p.data = p.data.double()``): its state follows (a snapshot in the parameter's dtype, the
+    rest in ``state_dtype``); the kernels would otherwise read it at the wrong width or place."""
+    dtype = state_dtype(p.dtype)
+    for k in _STATE_KEYS[:-1]:
+        t = state.get(k)
+        want = p.dtype if k == "window_start" else dtype
+        if isinstance(t, Tensor) and (t.dtype != want or t.device != p.device):
+            state[k] = t.to(device=p.device, dtype=want, memory_format=torch.contiguous_format)
+
+
 _POSITION_FORM = (0.0, 1.0)  # a snapshot saved before "window_start_form" existed: the weights themselves
 
 
@@ -403,20 +418,38 @@ class _StepPlan:
         self.owners, self.states = owners, states
         self.params, self.bufs, self.sums, self.prevs, self.alphas, self.keys = params, bufs, sums, prevs, alphas, keys
         self.dtypes = [p.dtype for p in params]  # p.data = p.data.half() keeps the tensor, not its dtype
+        self.shapes = list(map(_SHAPE_DEVICE, params))  # ... nor its size or device
         self.buckets = functional._buckets(params)
         self.serial = next(_PLAN_SERIALS)  # the launcher's state_token: unique, never reused
         self.flat = None  # the flat window buffers (``_flat_windows``) where the group has them
+        # Triton path: the group's tensors as the plan's last step found them (``kernels.cpu.layout_record``:
+        # identities, addresses, sizes, dtypes, devices, contiguity of weights and gradients), that step's
+        # validated hyper-parameters and devices. While a step finds the same (one native pass), it
+        # skips the per-tensor checks and the launcher repeats its last launches.
+        self.record, self.validated, self.devices = None, None, ()
+        self.index_tensor = None if self.pick is list else torch.tensor(self.index, dtype=torch.int64)
         self.last_step = -1  # the optimizer's step() call that last built or checked this plan
 
-    def fits(self, state, group, present, key, state_unchanged: bool) -> bool:
+    def addresses(self) -> Tensor:
+        """The weights' and gradients' addresses in ``record``, int64 [len(params), 2] (a view where
+        every parameter is in ``params``)."""
+        if self.index_tensor is None:
+            return self.record[:, _ADDRESS_FIELDS]
+        return self.record[self.index_tensor, _ADDRESS_FIELDS]
+
+    def fits(self, state, group, present, key, state_unchanged: bool, steady: bool = False) -> bool:
         """``present``: whether each of the group's parameters has a gradient now;
         ``state_unchanged``: the optimizer's state maps every parameter to the same dict as
-        when this plan was last checked (then the per-parameter lookups are skipped)."""
+        when this plan was last checked (then the per-parameter lookups are skipped);
+        ``steady``: the parameters matched ``record`` (dtypes included)."""
         is_ = operator.is_
         return (
             key == self.key
             and present == self.present
-            and list(map(_DTYPE, self.params)) == self.dtypes
+            and (steady or list(map(_DTYPE, self.params)) == self.dtypes)
+            # the kernels take every size and address from the weights: a state tensor of another size or
+            # device would be run past or read in the wrong place (the PyTorch path's ops raise instead)
+            and (steady or key[0] != "triton" or list(map(_SHAPE_DEVICE, self.params)) == self.shapes)
             and (state_unchanged or all(map(is_, map(state.get, self.owners), self.states)))
             and all(map(is_, map(dict.get, self.states, self.keys), self.sums))
             and all(map(is_, map(dict.get, self.states, repeat("prev_window_sum")), self.prevs))
@@ -810,6 +843,13 @@ class TLR(_ShardGroup, Optimizer):
             check_hyperparameters(**hyper)
             validated = self._validated[id(group)] = (signature, _step_config(hyper))
         params = group["params"]
+        plan = None if torch.compiler.is_compiling() else self._plans.get(id(group))
+        if (plan is not None and plan.record is not None and plan.group is group and plan.validated is validated
+                and (found := same_layout(params, plan.record)) != CHANGED):
+            # every tensor as at the plan's last step, which checked them, or only moved (``_StepPlan.record``)
+            for device in plan.devices:
+                _resolve_backend(group["backend"], device, index)
+            return factor, plan.key[1], False, None, plan.present, plan, validated[1], found
         if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
             grads = [p.grad for p in params]
             present = [g is not None for g in grads]
@@ -826,7 +866,6 @@ class TLR(_ShardGroup, Optimizer):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
             raise RuntimeError(f"TLR does not support sparse gradients (parameter {i} of group {index})")
         first = next((p.device for p in with_grad if p.numel() > 0), None)
-        plan = None if torch.compiler.is_compiling() else self._plans.get(id(group))
         if not (plan is not None and plan.group is group and len(params) == len(plan.all_params)
                 and all(map(operator.is_, params, plan.all_params))):
             plan = None  # the group's parameters changed (or no step gathered them yet)
@@ -838,7 +877,24 @@ class TLR(_ShardGroup, Optimizer):
             )
         for device in devices:
             _resolve_backend(group["backend"], device, index)  # raises for an impossible Triton request
-        return factor, first, dtensor, grads, present, plan, validated[1]
+        return factor, first, dtensor, grads, present, plan, validated[1], None
+
+    def _check_state(self, index: int, group: dict[str, Any], dtensor: bool) -> None:
+        """Before a group's state is gathered afresh for the Triton path: every state tensor has its
+        parameter's size. (A parameter whose data was replaced by one of another size, ``p.data =
+        ...``, would have the kernels run past the end of its state; another dtype or device is
+        converted instead, ``_state_follows``.)"""
+        for i, p in enumerate(group["params"]):
+            state = self.state.get(p)
+            if not state or p.grad is None:
+                continue
+            n = (_local(p) if dtensor else p).numel()
+            for k in _STATE_KEYS[:-1]:
+                t = state.get(k)
+                if isinstance(t, Tensor) and t.numel() != n:
+                    raise ValueError(f"the state of parameter {i} of group {index} does not fit it: {k} holds "
+                                     f"{t.numel()} elements, the parameter {n} (its data was replaced by a tensor of "
+                                     "another size?)")
 
     def _group_tensors(self, group, backend, device) -> Tensor:
         """Put the group's α, step counter and window state where this step runs; returns α."""
@@ -895,6 +951,7 @@ class TLR(_ShardGroup, Optimizer):
             if (key not in state or "prev_window_sum" not in state
                     or (key == "window_start" and state.get("window_start_form", _POSITION_FORM) != form)):
                 _ensure_window_state(local, state, key, alpha, form)
+            _state_follows(local, state)  # after a conversion of the window's representation, which reads the old
             params.append(local)
             grads.append(_local(p.grad) if dtensor else p.grad)
             bufs.append(state.get("momentum_buffer"))
@@ -933,7 +990,9 @@ class TLR(_ShardGroup, Optimizer):
                            and all(map(operator.is_, state, seen[1])) and all(map(operator.is_, state.values(), seen[2])))
         self._state_seen = None  # an exception below leaves no stale record
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for index, (group, (factor, device, dtensor, grads_all, present, plan, config)) in enumerate(
+        # Everything that can raise before anything changes: the groups' paths, plans and state
+        prepared = []
+        for index, (group, (factor, device, dtensor, grads_all, present, plan, config, found)) in enumerate(
                 zip(self.param_groups, checked)):
             backend = "torch" if device is None else _resolve_backend(group["backend"], device, 0)
             mesh_group = _dtensor_group(group, index) if dtensor else None
@@ -949,26 +1008,40 @@ class TLR(_ShardGroup, Optimizer):
                     )
                 # a rank with nothing to update still joins the group's collective
                 device = device or _collective_device(group, shard_group)
+            key = steady = None
+            if device is not None:
+                snapshots = functional.snapshots_allowed(factor)
+                if isinstance(factor, Tensor):  # non_blocking: a CPU tensor lr must not sync the host with a GPU
+                    factor = factor.to(dtype=torch.float32).to(device, non_blocking=True)
+                key = (backend, device, snapshots, group["statistic"], group["momentum"], group["dampening"],
+                       group["nesterov"], group["scope"])
+                steady = found is not None  # _check_group found every tensor as at the plan's last step (or moved)
+                if plan is not None:
+                    self._group_tensors(group, backend, device)
+                    # the shortcut holds for a plan checked by the last step() only
+                    if not plan.fits(self.state, group, present, key,
+                                     state_unchanged and plan.last_step == self._steps - 1, steady):
+                        plan = None
+                        if steady:  # the state changed: gather afresh
+                            grads_all, steady, found = list(map(_GRAD, group["params"])), False, None
+                if plan is None and backend == "triton" and not torch.compiler.is_compiling():
+                    self._check_state(index, group, dtensor)  # (torch's ops check sizes themselves)
+            prepared.append((index, group, factor, device, dtensor, grads_all, plan, config, backend, mesh_group,
+                             shard_group, key, steady, found))
+        for index, group, factor, device, dtensor, grads_all, plan, config, backend, mesh_group, shard_group, key, \
+                steady, found in prepared:
             if device is None:  # nothing to update; the step still counts
                 if isinstance(group["step"], Tensor):
                     advance_step(group["step"], found_inf)
                 else:
                     group["step"] += 1
                 continue
-            snapshots = functional.snapshots_allowed(factor)
-            if isinstance(factor, Tensor):  # non_blocking: a CPU tensor lr must not sync the host with a GPU
-                factor = factor.to(dtype=torch.float32).to(device, non_blocking=True)
-            key = (backend, device, snapshots, group["statistic"], group["momentum"], group["dampening"],
-                   group["nesterov"], group["scope"])
-            if plan is not None:
-                self._group_tensors(group, backend, device)
-                # the shortcut holds for a plan checked by the last step() only
-                if not plan.fits(self.state, group, present, key, state_unchanged and plan.last_step == self._steps - 1):
-                    plan = None
+            snapshots = key[2]
             if plan is not None:
                 params, bufs, sums, prev_sums, alphas, keys, owners = (
                     plan.params, plan.bufs, plan.sums, plan.prevs, plan.alphas, plan.keys, plan.owners)
-                grads, buckets, states = plan.pick(grads_all), plan.buckets, plan.states
+                grads = None if steady else plan.pick(grads_all)  # None: the launcher reads them where it must
+                buckets, states = plan.buckets, plan.states
                 rebuilt = False
             else:
                 params, grads, bufs, sums, prev_sums, alphas, keys, owners = [], [], [], [], [], [], [], []
@@ -1008,6 +1081,8 @@ class TLR(_ShardGroup, Optimizer):
                 buckets=buckets,
                 state_token=plan.serial if plan is not None else None,
                 flat_windows=plan.flat if plan is not None else None,
+                layout_unchanged=steady,
+                addresses=plan.addresses() if found == MOVED else None,
             )
             if rebuilt or backend == "torch" or new_buffers:
                 # new buffers; on the PyTorch path also swapped sums and buffers reused as u
@@ -1017,6 +1092,9 @@ class TLR(_ShardGroup, Optimizer):
                         state["momentum_buffer"] = b
             if plan is not None:
                 plan.last_step = self._steps
+                if backend == "triton" and not steady:  # this step checked the tensors: the next may skip that
+                    plan.validated, plan.devices = self._validated[id(group)], {p.device for p in params}
+                    plan.record = _layout_record(group["params"])
             if backend == "torch":
                 group["step"] += 1  # the Triton path advances its device counter itself
         if len(self._plans) > len(self.param_groups):  # a group was removed: drop what its plan holds
