@@ -127,7 +127,6 @@ def _state_loaded(opt):
     def clear():
         opt._plans.clear()
         launch.tables.entries.clear()
-        launch.steady.entries.clear()
     return clear
 
 

@@ -3,9 +3,10 @@ and the Triton path's host-side pass over a group's tensors (``layout_record``, 
 
 ``extension()`` gives the compiled module, or None where it cannot be built (no C++ compiler,
 no ninja, or ``TLR_CPU_KERNEL=0`` in the environment): the PyTorch path then runs torch's own
-ops, with a warning that says why, and the Triton path checks every tensor at every step. The build takes about half a minute once; torch caches it
-(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and rebuilds it only when
-the source or the flags change.
+ops, with a warning that says why, and the Triton path checks every tensor at every step. The
+build takes about half a minute once (on a GPU machine: at the first step on the Triton path);
+torch caches it (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
+rebuilds it only when the source or the flags change.
 """
 
 from __future__ import annotations
@@ -91,22 +92,29 @@ def extension():
 # The Triton path's host side (``layout`` in cpu_step.cpp): a group's layout record.
 def layout_record(params):
     """An int64 [n, 7] record of ``params``' identities, addresses, sizes, dtypes, devices and
-    contiguity and their gradients' (cpu_step.cpp, ``layout``; the addresses in columns 1 and 4),
-    or None where the module is not built or a tensor has no plain storage (a DTensor, a sparse
-    gradient)."""
+    contiguity and their gradients' (cpu_step.cpp, ``layout``), or None where the module is not
+    built or a tensor is not plain (sparse, a DTensor or another subclass dispatching to Python)."""
     module = extension()
     if module is None:
         return None
     import torch
 
     record = torch.empty((len(params), module.layout_fields()), dtype=torch.int64)
-    return record if module.layout(params, record, True) == 0 else None
+    return record if module.layout(params, record, True, record) == SAME else None
+
+
+def address_fields() -> list[int]:
+    """The record's columns holding the weight's and the gradient's address."""
+    return extension().layout_address_fields()
 
 
 SAME, MOVED, CHANGED = 0, 1, 2  # what ``same_layout`` finds
 
 
-def same_layout(params, record) -> int:
+def same_layout(params, record, moved) -> int:
     """Whether ``params`` and their gradients are still as ``record`` (``layout_record``) holds
-    them: SAME; MOVED where only addresses differ (the record then holds the new ones); CHANGED."""
-    return _LOADED[0].layout(params, record, False)
+    them: SAME; MOVED where only addresses differ (each keeping its 16-byte alignment or lack of
+    it), their new ones then written to ``moved`` (int64 [n, 2]); CHANGED. Reads, never writes,
+    the record."""
+    module = _LOADED[0] if _LOADED else None
+    return CHANGED if module is None else module.layout(params, record, False, moved)

@@ -252,10 +252,13 @@ int64_t parallel_threads(int64_t tasks) {
 
 // ---- Host side of the Triton path (kernels/cpu.py: layout_record, same_layout) ----
 // What the Triton path's host work depends on, per parameter: its identity, address, size,
-// dtype, device and contiguity, and its gradient's (address 0: no gradient). Read from
-// Python that is a dozen attribute reads per tensor, each a map over the group (~100 µs for
-// GPT-2 small's 148 tensors); here one pass. A row per parameter of LAYOUT_FIELDS int64s.
+// dtype, device and contiguity, and its gradient's address, size, dtype, device and contiguity
+// (address 0: no gradient). Read from Python that is a dozen attribute reads per tensor, each a
+// map over the group (~100 µs for GPT-2 small's 148 tensors); here one pass. A row per
+// parameter of LAYOUT_FIELDS int64s; the addresses in columns WEIGHT_ADDRESS and GRAD_ADDRESS.
 constexpr int64_t LAYOUT_FIELDS = 7;
+constexpr int64_t WEIGHT_ADDRESS = 1;
+constexpr int64_t GRAD_ADDRESS = 4;
 
 static int64_t layout_code(const at::Tensor& t) {
   const at::Device device = t.device();
@@ -263,21 +266,26 @@ static int64_t layout_code(const at::Tensor& t) {
          (static_cast<int64_t>(device.index() + 1) << 16) | (static_cast<int64_t>(t.is_contiguous()) << 32);
 }
 
-// ``row`` for ``p``; false where p or its gradient is not a plain strided tensor with storage
-// (a DTensor, a sparse gradient, ...): such a group has no record.
+// A dense tensor whose memory the kernels can address: not sparse, not a tensor subclass that
+// dispatches to Python (a DTensor: its storage is not its data), with storage.
+static bool plain(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.has_storage() && !t.unsafeGetTensorImpl()->is_python_dispatch();
+}
+
+// ``row`` for ``p``; false where p or its gradient is not plain: such a group has no record.
 static bool layout_row(const at::Tensor& p, int64_t* row) {
-  if (!p.defined() || p.layout() != at::kStrided || !p.has_storage()) return false;
+  if (!p.defined() || !plain(p)) return false;
   const at::Tensor& g = p.grad();
   row[0] = reinterpret_cast<int64_t>(p.unsafeGetTensorImpl());
-  row[1] = reinterpret_cast<int64_t>(p.const_data_ptr());
+  row[WEIGHT_ADDRESS] = reinterpret_cast<int64_t>(p.const_data_ptr());
   row[2] = p.numel();
   row[3] = layout_code(p);
   if (!g.defined()) {
-    row[4] = row[5] = row[6] = 0;
+    row[GRAD_ADDRESS] = row[5] = row[6] = 0;
     return true;
   }
-  if (g.layout() != at::kStrided || !g.has_storage()) return false;
-  row[4] = reinterpret_cast<int64_t>(g.const_data_ptr());
+  if (!plain(g)) return false;
+  row[GRAD_ADDRESS] = reinterpret_cast<int64_t>(g.const_data_ptr());
   row[5] = g.numel();
   row[6] = layout_code(g);
   return true;
@@ -285,19 +293,22 @@ static bool layout_row(const at::Tensor& p, int64_t* row) {
 
 // With ``write``: fills ``record`` (int64 [n, LAYOUT_FIELDS], contiguous, on the CPU) for
 // ``params``; returns 0, or 2 where a row cannot be made. Without: compares ``params`` with
-// ``record``: 0 where every row is the same; 1 where only addresses differ (a weight's or a
-// gradient's, each still 16-byte aligned or still not, with everything else the same: the
-// record then takes the new addresses); else 2.
-int64_t layout(const std::vector<at::Tensor>& params, at::Tensor record, bool write) {
+// ``record``, which it does not change: 0 where every row is the same; 1 where only addresses
+// differ (a weight's or a gradient's, each still 16-byte aligned or still not, everything else
+// the same), the addresses now then written to ``moved`` (int64 [n, 2]); else 2.
+int64_t layout(const std::vector<at::Tensor>& params, at::Tensor record, bool write, at::Tensor moved) {
+  const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(record.scalar_type() == at::kLong && record.is_contiguous() && record.device().is_cpu() &&
                   record.dim() == 2 && record.size(1) == LAYOUT_FIELDS,
               "a layout record is a contiguous int64 CPU tensor [n, ", LAYOUT_FIELDS, "]");
-  if (record.size(0) != static_cast<int64_t>(params.size())) return 2;
-  int64_t* const first = record.data_ptr<int64_t>();
+  TORCH_CHECK(write || (moved.scalar_type() == at::kLong && moved.is_contiguous() && moved.device().is_cpu() &&
+                        moved.numel() == 2 * record.size(0)),
+              "moved addresses go to a contiguous int64 CPU tensor of 2 per record row");
+  if (record.size(0) != n) return 2;
+  int64_t* rows = record.data_ptr<int64_t>();
   int64_t row[LAYOUT_FIELDS];
-  bool moved = false;
-  int64_t* rows = first;
-  for (size_t i = 0; i < params.size(); ++i, rows += LAYOUT_FIELDS) {
+  bool any_moved = false;
+  for (int64_t i = 0; i < n; ++i, rows += LAYOUT_FIELDS) {
     if (!layout_row(params[i], row)) return 2;
     if (write) {
       std::copy(row, row + LAYOUT_FIELDS, rows);
@@ -305,17 +316,17 @@ int64_t layout(const std::vector<at::Tensor>& params, at::Tensor record, bool wr
     }
     for (int64_t k = 0; k < LAYOUT_FIELDS; ++k) {
       if (row[k] == rows[k]) continue;
-      if (k != 1 && k != 4) return 2;  // not an address
+      if (k != WEIGHT_ADDRESS && k != GRAD_ADDRESS) return 2;
       if ((row[k] % 16 == 0) != (rows[k] % 16 == 0)) return 2;  // the kernels' ALIGN would change
-      moved = true;
+      any_moved = true;
     }
   }
-  if (!moved) return 0;
-  rows = first;  // only addresses moved: the record takes them
-  for (size_t i = 0; i < params.size(); ++i, rows += LAYOUT_FIELDS) {
+  if (write || !any_moved) return 0;
+  int64_t* out = moved.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i, out += 2) {
     layout_row(params[i], row);
-    rows[1] = row[1];
-    rows[4] = row[4];
+    out[0] = row[WEIGHT_ADDRESS];
+    out[1] = row[GRAD_ADDRESS];
   }
   return 1;
 }
@@ -325,5 +336,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("move", &move, "the move that a unit's end deferred");
   m.def("layout", &layout, "write or compare a group's layout record (the Triton path's host side)");
   m.def("layout_fields", []() { return LAYOUT_FIELDS; });
+  m.def("layout_address_fields", []() { return std::vector<int64_t>{WEIGHT_ADDRESS, GRAD_ADDRESS}; });
   m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for runs tasks on (1: built without OpenMP)");
 }

@@ -24,7 +24,7 @@ import operator
 from array import array
 from collections import OrderedDict
 from functools import reduce
-from itertools import repeat
+from itertools import count, repeat
 from types import SimpleNamespace
 
 import torch
@@ -81,10 +81,9 @@ class _Memo:
 tables = _Memo()
 blocks = _Memo()  # block maps, by sizes (``_block_map``)
 hypers = _Memo()  # hyper-parameter vectors, by values (``_hyper``)
-# A group's launches, by its caller's state token, for steps whose tensors are as at the last
-# one (``layout_unchanged``): kept only where they hold no working copy and no first step
-steady = _Memo()
 
+
+_MOVES = count()  # keys of tables patched with moved addresses (``_moved``)
 
 _PROGRAMS_PER_SM = 4  # the move kernel's persistent grid: programs per streaming multiprocessor
 _MOVE_PROGRAMS_OFF_GPU = 64  # and elsewhere (the interpreter)
@@ -250,7 +249,10 @@ def _moved(launches, host_tabs, addresses: Tensor, n_params: int, device):
     for (idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset), host in zip(launches, host_tabs):
         rows = host.clone()
         rows[PARAM_ROW:GRAD_ROW + 1] = (addresses if n == n_params else addresses[idx]).t()
-        out.append((idx, dtype, snap, rows.to(device, non_blocking=True), blk, align, block, n, n_blocks, offset))
+        # held by the table memo too, as a table built afresh is: a CUDA graph captured with it
+        # must not find its memory reused after the next move
+        tab = tables.put(("moved", next(_MOVES)), rows.to(device, non_blocking=True))
+        out.append((idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset))
         hosts.append(rows)
     return out, hosts
 
@@ -277,6 +279,7 @@ def tlr_triton_step(
     state_token: object = None,
     layout_unchanged: bool = False,
     addresses: Tensor | None = None,
+    keep: dict | None = None,
 ) -> None:
     """One TLR step of one param group on the Triton path (see the module docstring).
 
@@ -304,24 +307,26 @@ def tlr_triton_step(
     tables are keyed on it instead of on the state tensors' addresses (only the weights',
     the gradients' and the new-buffer flags are read every step).
 
-    ``layout_unchanged``: the caller vouches that, with the same ``state_token``, the weights
-    and gradients have the addresses, sizes, dtypes and contiguity they had at the last call
-    (``tlr_triton.kernels.cpu.same_layout``; ``grads`` may then be None: they are read off
-    ``params`` where needed). The last call's launches are then issued again without a look
-    at any tensor, where it left any (not after a step that made working copies or new buffers).
-    ``addresses``: with ``layout_unchanged``, where the weights or gradients moved and nothing
-    else changed: their addresses now (int64 [len(params), 2], a native pass's record, not
-    read from the tensors); the tables repeated take them.
+    ``keep``: None, or the caller's store for this group's launches (a dict, the same at every
+    call with this ``state_token``), kept where they hold no working copy and no first step.
+    ``layout_unchanged``: the caller vouches that the weights and gradients have the addresses,
+    sizes, dtypes and contiguity they had at the last call (``tlr_triton.kernels.cpu.same_layout``;
+    ``grads`` may then be None: they are read off ``params`` where needed): the launches in
+    ``keep`` are then issued again without a look at any tensor. ``addresses``: with
+    ``layout_unchanged``, where the weights or gradients moved and nothing else changed: their
+    addresses now (int64 [len(params), 2], from the native pass, not read from the tensors);
+    the repeated tables take them.
     """
     momentum, scope, window, units = config.momentum, config.scope, config.window, config.units
     blowup_ratio = config.blowup_ratio if units > 1 else None  # the guard watches adaptive windows only
     device = step.device
-    again = steady.entries.get(state_token) if layout_unchanged else None
+    again = keep.get("launches") if layout_unchanged and keep is not None else None
+    kept = None  # what ``keep`` holds after the launches (they may raise: then it holds what it held)
     if again is not None and again[0] == snapshots:
         _, launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials = again
-        if addresses is not None:  # the tensors moved: the tables take their new addresses (kept for the next step)
+        if addresses is not None:  # the tensors moved: the tables take their new addresses
             launches, host_tabs = _moved(launches, host_tabs, addresses, len(params), device)
-            again[1:3] = launches, host_tabs
+            kept = [again[0], launches, host_tabs, *again[3:]]
         copies = ()
     else:
         if grads is None:
@@ -329,12 +334,11 @@ def tlr_triton_step(
         launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials, copies, alive, new = _plan_launches(
             params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, momentum, scope, device, buckets,
             snapshots, first_steps, state_token)
-        if state_token is not None:
-            if copies or alive or new:  # working copies and first steps are not repeated
-                steady.entries.pop(state_token, None)
-            else:
-                steady.put(state_token,
-                           [list(snapshots), launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials])
+        if keep is not None:
+            # working copies and first steps are not repeated
+            kept = {} if copies or alive or new else [list(snapshots), launches, host_tabs, total, nblks,
+                                                      part_offsets, alpha_ptrs, serials]
+
     def build_group():
         width = max(total, 1)
         # one float64 allocation: the guard's caps (α's factor, α's ceiling), then the partials
@@ -391,6 +395,10 @@ def tlr_triton_step(
             )
     for p, pc in copies:
         p.copy_(pc)
+    if kept == {}:
+        keep.pop("launches", None)
+    elif kept is not None:
+        keep["launches"] = kept
 
 
 def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_reset, lr_factor, blowup_ratio,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 pytest.importorskip("sklearn")
@@ -39,6 +40,32 @@ def test_summary_markdown_and_plot(tmp_path, digits):
     experiments.plot("robustness", "digits", runs, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
     json.dumps(runs)  # JSON-serialisable: runs can be resumed and re-plotted
+
+
+def test_adamw_experiment_grid_and_table(digits, monkeypatch):
+    """The AdamW experiment (issue 12): its runs train, and its table gives the spread over the
+    starts and TLRAdamW's gap to the best tuned AdamW (here on fake results, so that the
+    arithmetic is checked)."""
+    monkeypatch.setattr(experiments, "optional_peers", lambda: [])
+    runs = experiments.grid("adamw", "digits", False)
+    assert {o for _, o, *_ in runs} == {"adamw", "adamw-cosine", "tlr-adamw"} and len(runs) == 9
+    built = {o: type(experiments.build(o, [torch.zeros(2, requires_grad=True)], 1e-3, 1, 1)[0]).__name__
+             for o in ("adamw", "adamw-cosine", "tlr-adamw")}
+    assert built == {"adamw": "AdamW", "adamw-cosine": "AdamW", "tlr-adamw": "TLRAdamW"}  # not TLR by its prefix
+    h = experiments.train(digits, "tlr-adamw", 1e-3, 512, 2, 0)
+    assert math.isfinite(h["loss"][-1]) and h["alpha"][-1][0] > 0
+    with pytest.raises(ValueError, match="adamw experiment runs on"):
+        experiments.grid("adamw", "wine", False)
+
+    def fake(ppl):
+        return {"loss": [1.0], "metric": [ppl], "alpha": [[1e-3]], "initial_loss": 2.0}
+
+    ppl = {"adamw": {1e-4: 12.0, 1e-3: 7.0, 1e-2: 6.0}, "adamw-cosine": {1e-4: 16.0, 1e-3: 8.0, 1e-2: 6.2},
+           "tlr-adamw": {1e-4: 6.3, 1e-3: 6.1, 1e-2: 6.15}}
+    fakes = {f"{n} lr0={lr} seed=0": fake(v) for n, d in ppl.items() for lr, v in d.items()}
+    text = "\n".join(experiments.adamw_table("charlm", fakes))
+    assert "| spread over the starts | 6 | 9.8 | 0.2 |" in text
+    assert "0.0001: +5.0%, 0.001: +1.7%, 0.01: +2.5% — every α0 within 3%: no" in text
 
 
 def test_charlm_task_builds_from_stdlib_text():

@@ -380,6 +380,7 @@ def tlr(
     flat_windows: tuple[Tensor, Tensor] | None = None,
     layout_unchanged: bool = False,
     addresses: Tensor | None = None,
+    keep: dict | None = None,
 ) -> None:
     """One TLR step for the tensors of one parameter group (see the module docstring).
 
@@ -446,11 +447,12 @@ def tlr(
             of the two holds A is read off the first tensor's storage; the roles swap at
             every closing). The window's reductions then run over them in rows
             (``_flat_square``): exact, and one reduction instead of one per tensor.
-        layout_unchanged: Triton path, with ``state_token``: the caller found the weights and
-            gradients as at its last call with that token (``kernels.cpu.same_layout``);
-            ``grads`` may then be None. The launcher repeats that call's launches, with
-            ``addresses`` (int64 [len(params), 2]) as the weights' and gradients' addresses
-            where only those moved.
+        keep, layout_unchanged, addresses: Triton path. ``keep``: a dict the caller keeps for
+            this group (the same at every call with ``state_token``), where the launcher keeps
+            its launches. ``layout_unchanged``: the caller found the weights and gradients as
+            at its last call (``kernels.cpu.same_layout``); ``grads`` may then be None. The
+            launcher repeats the kept launches, with ``addresses`` (int64 [len(params), 2]) as
+            the weights' and gradients' addresses where only those moved.
     """
     if config.scope == "group" and len(alphas) != 1:
         raise ValueError(f"scope 'group' takes one alpha, got {len(alphas)}")
@@ -468,7 +470,8 @@ def tlr(
     impl(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, step=step,
          window_state=window_state, window_energy=window_energy, lr_factor=lr_factor, grad_scale=grad_scale,
          found_inf=found_inf, shard_group=shard_group, sharded_tensors=sharded_tensors, buckets=buckets,
-         state_token=state_token, flat_windows=flat_windows, layout_unchanged=layout_unchanged, addresses=addresses)
+         state_token=state_token, flat_windows=flat_windows, layout_unchanged=layout_unchanged, addresses=addresses,
+         keep=keep)
 
 
 _LAUNCH = []
@@ -485,7 +488,7 @@ def _kernels_launch():
 
 def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
                 window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
-                flat_windows, layout_unchanged=False, addresses=None) -> None:
+                flat_windows, layout_unchanged=False, addresses=None, keep=None) -> None:
     """``tlr`` on the Triton path (``tlr_triton.kernels``): three launches (four with one α per
     tensor), nothing read on the host."""
     if shard_group is not None:
@@ -529,7 +532,7 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
                 step=step, window_state=window_state, window_energy=window_energy, lr_factor=lr_factor,
                 buckets=buckets, snapshots=snapshots, grad_scale=grad_scale, found_inf=found_inf,
                 snapshot_form=form, state_token=state_token, layout_unchanged=layout_unchanged,
-                addresses=addresses,
+                addresses=addresses, keep=keep,
             )
     else:  # the window kernel advances the counter; with no tensors the step still counts
         advance_step(step, found_inf)
@@ -537,7 +540,7 @@ def _tlr_triton(params, grads, momentum_buffers, window_sums, prev_window_sums, 
 
 def _tlr_torch(params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, config, *, step, window_state,
                window_energy, lr_factor, grad_scale, found_inf, shard_group, sharded_tensors, buckets, state_token,
-               flat_windows, layout_unchanged=False, addresses=None) -> None:
+               flat_windows, layout_unchanged=False, addresses=None, keep=None) -> None:
     """``tlr`` on the PyTorch path (any device). On the CPU with one α and no collective, the
     fused C++ step (``_tlr_cpu``) where it is built and takes the tensors; elsewhere torch's
     fused SGD kernel where it applies and its foreach ops otherwise, the window's decisions

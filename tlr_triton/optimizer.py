@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .kernels.cpu import CHANGED, MOVED, same_layout  # the native module: no Triton import
+from .kernels.cpu import CHANGED, MOVED, address_fields, same_layout  # the native module: no Triton import
 from .kernels.cpu import layout_record as _layout_record
 from .functional import DECAY_SHARE, GROWTH, MOVE_FLOOR, advance_step, state_dtype, tlr, window_representation
 
@@ -54,7 +54,6 @@ DEFAULT_BLOWUP_RATIO = 16.0
 # State entries that live in fp32 (or wider) whatever the parameter's dtype; torch's
 # load_state_dict would cast them to the parameter's dtype, so TLR loads them itself.
 _GRAD, _DTYPE, _DEVICE = operator.attrgetter("grad"), operator.attrgetter("dtype"), operator.attrgetter("device")
-_ADDRESS_FIELDS = slice(1, 5, 3)  # the weight's and the gradient's address in a layout record (kernels/cpu_step.cpp)
 _IS_SPARSE, _SHAPE_DEVICE = operator.attrgetter("is_sparse"), operator.attrgetter("shape", "device")
 _STATE_KEYS = ("momentum_buffer", "window_sum", "window_start", "prev_window_sum", "alpha")
 
@@ -423,19 +422,21 @@ class _StepPlan:
         self.serial = next(_PLAN_SERIALS)  # the launcher's state_token: unique, never reused
         self.flat = None  # the flat window buffers (``_flat_windows``) where the group has them
         # Triton path: the group's tensors as the plan's last step found them (``kernels.cpu.layout_record``:
-        # identities, addresses, sizes, dtypes, devices, contiguity of weights and gradients), that step's
-        # validated hyper-parameters and devices. While a step finds the same (one native pass), it
-        # skips the per-tensor checks and the launcher repeats its last launches.
-        self.record, self.validated, self.devices = None, None, ()
+        # the weights' identities, and the addresses, sizes, dtypes, devices, contiguity of weights and
+        # gradients), that step's validated hyper-parameters and devices. While a step finds the same (one
+        # native pass), it skips the per-tensor checks and the launcher repeats the launches it keeps here.
+        self.record, self.validated, self.devices, self.launches = None, None, (), {}
+        self.moved = torch.empty((len(self.all_params), 2), dtype=torch.int64)  # the addresses of a step that moved
         self.index_tensor = None if self.pick is list else torch.tensor(self.index, dtype=torch.int64)
         self.last_step = -1  # the optimizer's step() call that last built or checked this plan
 
     def addresses(self) -> Tensor:
-        """The weights' and gradients' addresses in ``record``, int64 [len(params), 2] (a view where
-        every parameter is in ``params``)."""
-        if self.index_tensor is None:
-            return self.record[:, _ADDRESS_FIELDS]
-        return self.record[self.index_tensor, _ADDRESS_FIELDS]
+        """The moved weights' and gradients' addresses (``moved``) of the tensors in ``params``."""
+        return self.moved if self.index_tensor is None else self.moved[self.index_tensor]
+
+    def commit_moved(self) -> None:
+        """After the step that took them: the moved addresses into ``record``."""
+        self.record[:, address_fields()] = self.moved
 
     def fits(self, state, group, present, key, state_unchanged: bool, steady: bool = False) -> bool:
         """``present``: whether each of the group's parameters has a gradient now;
@@ -845,7 +846,7 @@ class TLR(_ShardGroup, Optimizer):
         params = group["params"]
         plan = None if torch.compiler.is_compiling() else self._plans.get(id(group))
         if (plan is not None and plan.record is not None and plan.group is group and plan.validated is validated
-                and (found := same_layout(params, plan.record)) != CHANGED):
+                and (found := same_layout(params, plan.record, plan.moved)) != CHANGED):
             # every tensor as at the plan's last step, which checked them, or only moved (``_StepPlan.record``)
             for device in plan.devices:
                 _resolve_backend(group["backend"], device, index)
@@ -886,9 +887,9 @@ class TLR(_ShardGroup, Optimizer):
         converted instead, ``_state_follows``.)"""
         for i, p in enumerate(group["params"]):
             state = self.state.get(p)
-            if not state or p.grad is None:
-                continue
             n = (_local(p) if dtensor else p).numel()
+            if not state or p.grad is None or n == 0:  # (a tensor emptied is skipped, state and all)
+                continue
             for k in _STATE_KEYS[:-1]:
                 t = state.get(k)
                 if isinstance(t, Tensor) and t.numel() != n:
@@ -1083,6 +1084,7 @@ class TLR(_ShardGroup, Optimizer):
                 flat_windows=plan.flat if plan is not None else None,
                 layout_unchanged=steady,
                 addresses=plan.addresses() if found == MOVED else None,
+                keep=plan.launches if plan is not None else None,
             )
             if rebuilt or backend == "torch" or new_buffers:
                 # new buffers; on the PyTorch path also swapped sums and buffers reused as u
@@ -1092,6 +1094,8 @@ class TLR(_ShardGroup, Optimizer):
                         state["momentum_buffer"] = b
             if plan is not None:
                 plan.last_step = self._steps
+                if found == MOVED:  # the launches took the new addresses: so does the record
+                    plan.commit_moved()
                 if backend == "triton" and not steady:  # this step checked the tensors: the next may skip that
                     plan.validated, plan.devices = self._validated[id(group)], {p.device for p in params}
                     plan.record = _layout_record(group["params"])
