@@ -6,6 +6,8 @@
     python bench/experiments.py --plot-only      # re-plot and re-tabulate from the JSON files
     python bench/experiments.py --only sweep --task digits --windows 3 10 auto --lrs 1e-3 1e-2 --batches 64 512
                                                  # final loss over α0 x batch x seeds, per window
+    python bench/experiments.py --only adamw --seeds 0 1 2
+                                                 # TLRAdamW against AdamW and the peers (issue 12)
 
 Tasks: "digits", the paper's MNIST network (one hidden layer of 1000) on scikit-learn's
 digits; "charlm", a small character-level transformer on text from Python's own
@@ -13,8 +15,10 @@ standard library sources (the analogue of the paper's transformer experiment); "
 and "cancer", an MLP (one hidden layer of 64) on scikit-learn's small tabular sets, where
 small batches drive the train loss to 0 (the setting of the blow-up guard). Splits
 are fixed and seeded. Experiments: robustness (paper Fig. 1), baselines (Fig. 3), bound c
-(Fig. 8), window p (Fig. 6), fixed meta-rate η (Fig. 9); and "sweep", the grid behind the
-defaults (SGD and TLR with each of ``--windows`` over ``--lrs`` x ``--batches`` x seeds). Each writes
+(Fig. 8), window p (Fig. 6), fixed meta-rate η (Fig. 9); "sweep", the grid behind the
+defaults (SGD and TLR with each of ``--windows`` over ``--lrs`` x ``--batches`` x seeds); and
+"adamw" (digits and charlm): TLRAdamW from α0 ∈ {1e-4, 1e-3, 1e-2} against AdamW at each rate,
+constant and cosine, and the learning-rate-free peers from the same guesses (docs/adamw.md). Each writes
 bench/out/<experiment>-<task>.{json,md,png}; finished runs are kept in the JSON, so an
 interrupted run resumes where it stopped.
 """
@@ -38,7 +42,7 @@ from torch import nn
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after site-packages: see tests/conftest.py
 from bench.models import CharTransformer, mlp  # noqa: E402
-from tlr_triton import TLR  # noqa: E402
+from tlr_triton import TLR, TLRAdamW  # noqa: E402
 from tlr_triton.reference import HypergradientSGD, NaiveTLR  # noqa: E402
 
 OUT = Path(os.environ.get("TLR_BENCH_OUT", Path(__file__).resolve().parent / "out"))  # the variable: a separate run
@@ -166,6 +170,10 @@ def build(name: str, params, lr: float, epochs: int, steps_per_epoch: int, **kw)
     """Return (optimizer, scheduler or None). SGD-based methods share momentum 0.8 and wd 5e-4."""
     sgd = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     params = list(params)
+    if name == "tlr-adamw":  # fixed windows of 3 steps, c = 1/4
+        return TLRAdamW(params, lr=lr, weight_decay=ADAMW_WD, window=3), None
+    if name == "tlr-adamw-auto":  # TLR's adaptive window (units of 3 steps, up to 48), c = 1/4
+        return TLRAdamW(params, lr=lr, weight_decay=ADAMW_WD, window="auto"), None
     if name.startswith("tlr"):  # tlr, tlr-tensor, tlr-direction, tlr-tensor-direction, tlr-noguard
         scope = "tensor" if "tensor" in name else "group"
         statistic = "direction" if "direction" in name else "gradient"
@@ -199,6 +207,25 @@ def build(name: str, params, lr: float, epochs: int, steps_per_epoch: int, **kw)
         from dadaptation import DAdaptSGD
 
         return DAdaptSGD(params, lr=1.0, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), None
+    # The AdamW experiment (issue 12): AdamW's default weight decay, decoupled, for every run;
+    # the learning-rate-free peers started from the same guess (their d0, or Schedule-Free's lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WD), None
+    if name == "adamw-cosine":  # to 0 over the run
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WD)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    if name == "prodigy-adam":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=1.0, d0=lr, weight_decay=ADAMW_WD, decouple=True), None
+    if name == "dadapt-adam":
+        from dadaptation import DAdaptAdam
+
+        return DAdaptAdam(params, lr=1.0, d0=lr, weight_decay=ADAMW_WD, decouple=True), None
+    if name == "schedulefree-adamw":
+        import schedulefree
+
+        return schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=ADAMW_WD), None
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -218,9 +245,9 @@ def alphas(opt) -> list[float]:
     """The learning rate(s) in use: per group, or per tensor for TLR's scope "tensor"."""
     out = []
     for g in opt.param_groups:
-        if isinstance(opt, TLR) and g["scope"] == "tensor":
+        if isinstance(opt, (TLR, TLRAdamW)) and g["scope"] == "tensor":
             out += [float(opt.state[p]["alpha"]) for p in g["params"] if "alpha" in opt.state.get(p, {})]
-        elif isinstance(opt, TLR):
+        elif isinstance(opt, (TLR, TLRAdamW)):
             out.append(float(g["alpha"]) * float(g["lr"]) / float(g["initial_lr"]))
         else:
             out.append(float(g["lr"]))
@@ -311,6 +338,11 @@ def grid(experiment: str, task: str, full: bool):
                                           for w in SWEEP["windows"]]
         return [(f"{label} lr0={lr} batch={b}", o, lr, b, kw) for label, o, kw in variants
                 for lr in SWEEP["lrs"] for b in SWEEP["batches"]]
+    if experiment == "adamw":
+        if task not in ADAMW_BATCH:
+            raise ValueError(f"the adamw experiment runs on {sorted(ADAMW_BATCH)}, not {task!r}")
+        names = ADAMW_RUNS + [ADAMW_PEERS[p] for p in optional_peers()]
+        return [(f"{n} lr0={lr}", n, lr, ADAMW_BATCH[task], {"epochs": ADAMW_EPOCHS}) for lr in ADAMW_LRS for n in names]
     if experiment == "meta":
         etas = (1e-5, 1e-4, 1e-3, 1e-2) if full else (1e-5, 1e-4, 1e-3)
         return [(f"hd eta={e}", "hd", lr0, batch, {"meta_lr": e}) for e in etas] + \
@@ -318,7 +350,15 @@ def grid(experiment: str, task: str, full: bool):
     raise ValueError(experiment)
 
 
-EXPERIMENTS = ["robustness", "baselines", "bound", "window", "meta"]  # --full runs these; "sweep" on request
+EXPERIMENTS = ["robustness", "baselines", "bound", "window", "meta"]  # --full runs these; "sweep", "adamw" on request
+# The AdamW experiment (issue 12, docs/adamw.md): digits and the character transformer, AdamW at
+# each rate, constant and with a cosine schedule, TLRAdamW from each as α0, and the peers from each
+ADAMW_LRS = (1e-4, 1e-3, 1e-2)
+ADAMW_BATCH = {"digits": 64, "charlm": 32}
+ADAMW_EPOCHS = 10
+ADAMW_WD = 1e-2
+ADAMW_RUNS = ["adamw", "adamw-cosine", "tlr-adamw", "tlr-adamw-auto"]
+ADAMW_PEERS = {"prodigy": "prodigy-adam", "dadaptation": "dadapt-adam", "schedulefree": "schedulefree-adamw"}
 SWEEP = dict(windows=["auto", 3, 10], lrs=[1e-3, 1e-2, 1e-1], batches=[64, 128, 256, 512])
 EPOCHS = {"digits": 30, "charlm": 15, "wine": 40, "cancer": 40}
 
@@ -394,7 +434,55 @@ def markdown(experiment: str, task: str, rows: list[dict], runs: dict) -> str:
                 worst, spread = (max(ok), max(ok) / min(ok)) if ok else (float("nan"), float("nan"))
                 name = opt if cap is None else f"{opt}, α0 ≤ {cap:g}"
                 lines.append(f"| {name} | {worst:.4g} | {spread:.1f}x | {len(hs) - len(ok)}/{len(hs)} |")
+    if experiment == "adamw":
+        lines += [""] + adamw_table(task, runs)
     return "\n".join(lines) + "\n"
+
+
+def adamw_table(task: str, runs: dict) -> list[str]:
+    """The AdamW experiment's table: the test metric per optimizer and start (mean over seeds), its
+    spread over the starts, and TLRAdamW's gap to the best tuned AdamW (constant or cosine)."""
+    lower = _metric(task) == "perplexity"
+    by = {}
+    for key, h in runs.items():
+        name, lr = key.rsplit(" seed=", 1)[0].split(" lr0=")
+        by.setdefault(name, {}).setdefault(float(lr), []).append(h)
+    names = [n for n in ADAMW_RUNS + list(ADAMW_PEERS.values()) if n in by]
+    lrs = sorted({lr for d in by.values() for lr in d})
+
+    def mean(hs):
+        return statistics.fmean(h["metric"][-1] for h in hs)
+
+    def cell(hs):
+        m = [h["metric"][-1] for h in hs]
+        bad = sum(diverged(h) for h in hs)
+        return f"{statistics.fmean(m):.4g} [{min(m):.4g}–{max(m):.4g}]" + (f" ({bad} diverged)" if bad else "")
+
+    lines = [f"Test {_metric(task)} (mean [min–max] over seeds) by start (lr, α0, or the peer's d0/lr):", "",
+             "| start | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for lr in lrs:
+        lines.append(f"| {lr:g} | " + " | ".join(cell(by[n][lr]) if lr in by[n] else "" for n in names) + " |")
+    spreads = [max(mean(hs) for hs in by[n].values()) - min(mean(hs) for hs in by[n].values()) for n in names]
+    lines.append("| spread over the starts | " + " | ".join(f"{s:.3g}" for s in spreads) + " |")
+    tuned = [mean(hs) for n in ("adamw", "adamw-cosine") for hs in by.get(n, {}).values()]
+    for variant in [n for n in ("tlr-adamw", "tlr-adamw-auto") if n in by and tuned]:
+        # the issue's criterion is in perplexity (relative); accuracy gaps are given in points
+        best = min(tuned) if lower else max(tuned)
+        tlr = {lr: mean(hs) for lr, hs in sorted(by[variant].items())}
+        if lower:
+            gaps = ", ".join(f"{lr:g}: {100 * (m - best) / best:+.1f}%" for lr, m in tlr.items())
+            verdict = f" — every α0 within 3%: {'yes' if all(m <= 1.03 * best for m in tlr.values()) else 'no'}"
+        else:
+            gaps = ", ".join(f"{lr:g}: {100 * (best - m):+.1f} points" for lr, m in tlr.items())
+            verdict = ""
+        peers = [s for n, s in zip(names, spreads) if n in ADAMW_PEERS.values()]
+        spread = spreads[names.index(variant)]
+        lines += ["", f"{variant}: its gap to the best tuned AdamW (constant or cosine, over the starts: {best:.4g}) "
+                  f"by α0 (positive: worse): {gaps}{verdict}; a smaller spread over α0 than every peer: "
+                  + ("yes" if peers and all(spread < s for s in peers) else "no" if peers else "no peers installed")
+                  + f"; diverged runs: {sum(diverged(h) for hs in by[variant].values() for h in hs)} (every "
+                  f"optimizer: {sum(diverged(h) for d in by.values() for hs in d.values() for h in hs)})."]
+    return lines
 
 
 def _clip(values, top):
@@ -474,7 +562,8 @@ def run_experiment(experiment: str, task_name: str, seeds: list[int], full: bool
         todo = [(label, o, lr, b, kw, s) for label, o, lr, b, kw in grid(experiment, task_name, full) for s in seeds
                 if f"{label} seed={s}" not in runs]
         for label, o, lr, b, kw, s in tqdm(todo, desc=f"{experiment}/{task_name}", unit="run"):
-            runs[f"{label} seed={s}"] = train(task, o, lr, b, EPOCHS[task_name], s, **kw)
+            kw = dict(kw)
+            runs[f"{label} seed={s}"] = train(task, o, lr, b, kw.pop("epochs", EPOCHS[task_name]), s, **kw)
             stem.with_suffix(".json").write_text(json.dumps({"experiment": experiment, "task": task_name, "runs": runs}))
     # tables and figures show this grid's runs (the JSON may also hold runs of other grids)
     wanted = {f"{label} seed={s}" for label, *_ in grid(experiment, task_name, full) for s in seeds}
@@ -493,7 +582,7 @@ DEFAULT = [("robustness", "digits"), ("robustness", "wine"), ("baselines", "digi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="every experiment on every task, 3 seeds")
-    ap.add_argument("--only", choices=EXPERIMENTS + ["sweep"], nargs="+")
+    ap.add_argument("--only", choices=EXPERIMENTS + ["sweep", "adamw"], nargs="+")
     ap.add_argument("--windows", nargs="+", help="sweep: TLR windows (ints or auto)")
     ap.add_argument("--lrs", type=float, nargs="+", help="sweep: initial learning rates")
     ap.add_argument("--batches", type=int, nargs="+", help="sweep: batch sizes")
@@ -507,9 +596,12 @@ def main() -> None:
         if getattr(args, key):
             SWEEP[key] = getattr(args, key)
     if args.epochs:
+        global ADAMW_EPOCHS
         EPOCHS.update(dict.fromkeys(EPOCHS, args.epochs))
+        ADAMW_EPOCHS = args.epochs
     if args.full or args.only or args.task:
-        plan = [(e, t) for e in (args.only or EXPERIMENTS) for t in (args.task or list(TASKS))]
+        plan = [(e, t) for e in (args.only or EXPERIMENTS)
+                for t in (args.task or (list(ADAMW_BATCH) if e == "adamw" else list(TASKS)))]
     else:
         plan = DEFAULT
     seeds = args.seeds or ([0, 1, 2] if args.full else [0])

@@ -138,9 +138,9 @@ def test_noise_gives_no_momentum_bias():
 
 def test_bad_arguments_name_the_value():
     w = torch.zeros(3, requires_grad=True)
-    for kwargs, name in ((dict(window="auto"), "window"), (dict(betas=(1.0, 0.9)), "betas"), (dict(eps=-1.0), "eps"),
+    for kwargs, name in ((dict(window="adaptive"), "window"), (dict(betas=(1.0, 0.9)), "betas"), (dict(eps=-1.0), "eps"),
                          (dict(statistic="u"), "statistic"), (dict(lr=0.0), "lr")):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises((ValueError, TypeError), match=name):
             ReferenceTLRAdamW([w], **kwargs)
 
 
@@ -181,24 +181,65 @@ def test_the_pytorch_path_follows_the_reference(dtype, rtol, config):
     assert len(alphas) > 3
 
 
-def test_step_reads_nothing_on_the_host(forbid_host_reads):
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("config", [dict(window="auto"), dict(window="auto", scope="tensor", amsgrad=True),
+                                    dict(window=2, max_window=8, window_reset=0.1, maximize=True)])
+def test_the_adaptive_window_follows_the_reference(dtype, rtol, config):
+    """TLR's adaptive window for TLRAdamW, decided on the device: windows grow while the Newton
+    step is small (noise) and fall back to one unit after a large one (a signal from step 40 to
+    52), with α and the weights the reference's after every step."""
+    ours, ref = _pair(dtype)
+    opt = TLRAdamW(ours, lr=2.0 ** -8, **config)
+    reference = ReferenceTLRAdamW(ref, lr=2.0 ** -8, **config)
+    g = torch.Generator().manual_seed(5)
+    lengths = []
+    for i in range(90):
+        for p, q in zip(ours, ref):
+            grad = torch.randn(q.shape, generator=g, dtype=torch.float64) + (3.0 if 40 <= i < 52 else 0.0)
+            p.grad, q.grad = grad.to(dtype), grad.to(dtype).double()
+        opt.step()
+        reference.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.detach().double(), q.detach(), rtol=rtol, atol=rtol, msg=f"step {i}")
+        scoped = config.get("scope") == "tensor"
+        for p, q in zip(ours, ref):
+            ra = reference.state[q]["alpha"] if scoped else reference.param_groups[0]["alpha"]
+            oa = opt.state[p]["alpha"] if scoped else opt.param_groups[0]["alpha"]
+            assert float(oa) == pytest.approx(ra, rel=max(rtol, 1e-7)), i
+        state = opt.param_groups[0]["window_state"].tolist()
+        assert state == [reference.param_groups[0]["units_done"], reference.param_groups[0]["units"]], i
+        lengths.append(state[1])
+    assert max(lengths) >= 3 and any(a > 1 and b == 1 for a, b in zip(lengths, lengths[1:])), lengths
+
+
+def test_the_triton_path_takes_fixed_windows_only():
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="backend='triton' takes a fixed window .* window='auto'"):
+        TLRAdamW([w], window="auto", backend="triton")
+    opt = TLRAdamW([w], window="auto", backend="auto")  # resolves to the PyTorch path
+    w.grad = torch.ones(3)
+    opt.step()
+
+
+@pytest.mark.parametrize("window", [2, "auto"])
+def test_step_reads_nothing_on_the_host(forbid_host_reads, window):
     params = [torch.randn(20, requires_grad=True), torch.randn(3, 4, requires_grad=True)]
-    opt = TLRAdamW(params, lr=1e-3, window=2)
+    opt = TLRAdamW(params, lr=1e-3, window=window)
     forbid_host_reads()
-    for _ in range(7):  # closings included
+    for _ in range(13):  # closings included
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scope", ["group", "tensor"])
-def test_a_checkpoint_resumes_bit_identically(dtype, scope):
+@pytest.mark.parametrize("scope,window", [("group", 3), ("tensor", 3), ("group", "auto")])
+def test_a_checkpoint_resumes_bit_identically(dtype, scope, window):
     import io
 
     torch.manual_seed(0)
     init = [torch.randn(8, 3).to(dtype), torch.randn(5).to(dtype)]
-    grads = [[torch.randn(t.shape).to(dtype) for t in init] for _ in range(15)]
+    grads = [[torch.randn(t.shape).to(dtype) for t in init] for _ in range(30)]
 
     def run(params, opt, first, last):
         for i in range(first, last):
@@ -207,17 +248,18 @@ def test_a_checkpoint_resumes_bit_identically(dtype, scope):
             opt.step()
 
     a = [t.clone().requires_grad_() for t in init]
-    opt = TLRAdamW(a, lr=1e-2, window=3, scope=scope)
-    run(a, opt, 0, 7)  # mid-window: the window sums travel
+    opt = TLRAdamW(a, lr=1e-2, window=window, scope=scope)
+    run(a, opt, 0, 7)  # mid-window: the window sums (and the adaptive window's state) travel
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     b = [p.detach().clone().requires_grad_() for p in a]
-    run(a, opt, 7, 15)
+    run(a, opt, 7, 30)
     buf.seek(0)
-    resumed = TLRAdamW(b, lr=1e-2, window=3, scope=scope)
+    resumed = TLRAdamW(b, lr=1e-2, window=window, scope=scope)
     resumed.load_state_dict(torch.load(buf))
     assert resumed.state[b[0]]["exp_avg"].dtype == torch.float32  # not rounded to bf16 by torch's loader
-    run(b, resumed, 7, 15)
+    run(b, resumed, 7, 30)
+    assert torch.equal(opt.param_groups[0]["window_state"], resumed.param_groups[0]["window_state"])
     for p, q in zip(a, b):
         assert torch.equal(p, q)
     assert torch.equal(opt.param_groups[0]["alpha"], resumed.param_groups[0]["alpha"])
@@ -230,7 +272,8 @@ def test_bad_input_is_refused_by_name_and_changes_nothing():
     w = torch.zeros(3, requires_grad=True)
     for kwargs, name in ((dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
                          (dict(betas=(0.9, 1.0)), "beta parameter at index 1"), (dict(eps=float("nan")), "epsilon"),
-                         (dict(window=0), "window"), (dict(window="auto"), "window"), (dict(scope="layer"), "scope"),
+                         (dict(window=0), "window"), (dict(window="adaptive"), "window"), (dict(scope="layer"), "scope"),
+                         (dict(window=3, max_window=2), "max_window"), (dict(window_reset=-1.0), "window_reset"),
                          (dict(bound=-1.0), "bound"), (dict(weight_decay=-0.1), "weight_decay")):
         with pytest.raises((ValueError, TypeError), match=name):
             TLRAdamW([w], **kwargs)

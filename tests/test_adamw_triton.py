@@ -193,7 +193,7 @@ def test_bad_backends_are_refused_by_name():
 
 def test_a_collective_needs_the_pytorch_path():
     w = torch.zeros(3, requires_grad=True)
-    opt = TLRAdamW([w], backend="triton", shard_group=object())
+    opt = TLRAdamW([w], backend="triton", window=3, shard_group=object())
     w.grad = torch.ones(3)
     with pytest.raises(NotImplementedError, match="backend='torch'"):
         opt.step()
@@ -255,7 +255,7 @@ def test_one_minus_beta_is_taken_in_float64():
 def test_an_impossible_backend_in_a_later_group_changes_nothing(monkeypatch):
     """backend="triton" on CPU tensors without the interpreter is refused before any group steps."""
     a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
-    opt = TLRAdamW([{"params": [a]}, {"params": [b], "backend": "triton"}], lr=0.1)
+    opt = TLRAdamW([{"params": [a]}, {"params": [b], "backend": "triton"}], lr=0.1, window=3)
     a.grad, b.grad = torch.ones(3), torch.ones(3)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="group 1"):

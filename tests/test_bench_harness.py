@@ -48,10 +48,11 @@ def test_adamw_experiment_grid_and_table(digits, monkeypatch):
     arithmetic is checked)."""
     monkeypatch.setattr(experiments, "optional_peers", lambda: [])
     runs = experiments.grid("adamw", "digits", False)
-    assert {o for _, o, *_ in runs} == {"adamw", "adamw-cosine", "tlr-adamw"} and len(runs) == 9
+    assert {o for _, o, *_ in runs} == {"adamw", "adamw-cosine", "tlr-adamw", "tlr-adamw-auto"} and len(runs) == 12
     built = {o: type(experiments.build(o, [torch.zeros(2, requires_grad=True)], 1e-3, 1, 1)[0]).__name__
-             for o in ("adamw", "adamw-cosine", "tlr-adamw")}
-    assert built == {"adamw": "AdamW", "adamw-cosine": "AdamW", "tlr-adamw": "TLRAdamW"}  # not TLR by its prefix
+             for o in ("adamw", "adamw-cosine", "tlr-adamw", "tlr-adamw-auto")}
+    assert built == {"adamw": "AdamW", "adamw-cosine": "AdamW", "tlr-adamw": "TLRAdamW",  # not TLR by its prefix
+                     "tlr-adamw-auto": "TLRAdamW"}
     h = experiments.train(digits, "tlr-adamw", 1e-3, 512, 2, 0)
     assert math.isfinite(h["loss"][-1]) and h["alpha"][-1][0] > 0
     with pytest.raises(ValueError, match="adamw experiment runs on"):
@@ -65,7 +66,7 @@ def test_adamw_experiment_grid_and_table(digits, monkeypatch):
     fakes = {f"{n} lr0={lr} seed=0": fake(v) for n, d in ppl.items() for lr, v in d.items()}
     text = "\n".join(experiments.adamw_table("charlm", fakes))
     assert "| spread over the starts | 6 | 9.8 | 0.2 |" in text
-    assert "0.0001: +5.0%, 0.001: +1.7%, 0.01: +2.5% — every α0 within 3%: no" in text
+    assert "by α0 (positive: worse): 0.0001: +5.0%, 0.001: +1.7%, 0.01: +2.5% — every α0 within 3%: no" in text
 
 
 def test_charlm_task_builds_from_stdlib_text():

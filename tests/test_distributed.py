@@ -145,6 +145,13 @@ CASES = {
     "adamw fsdp2": dict(adamw=True, fsdp=True, zero=False, two_groups=False, kw=dict(lr=0.01, weight_decay=1e-2, window=2)),
     "adamw fsdp2, scope tensor": dict(adamw=True, fsdp=True, zero=False, two_groups=True,
                                       kw=dict(lr=0.01, scope="tensor", window=3)),
+    # its adaptive window: every rank advances the same window state from the summed statistics
+    "adamw zero, window auto, a rank without a group's tensors": dict(
+        adamw=True, zero=True, two_groups=True, kw=dict(lr=0.01, window=1, max_window=4)),
+    "adamw zero, window auto, scope tensor": dict(adamw=True, zero=True, two_groups=False,
+                                                  kw=dict(lr=0.01, window=1, max_window=4, scope="tensor")),
+    "adamw fsdp2, window auto, scope tensor": dict(adamw=True, fsdp=True, zero=False, two_groups=True,
+                                                   kw=dict(lr=0.01, scope="tensor", window=1, max_window=4)),
 }
 
 

@@ -272,8 +272,9 @@ def test_compiled_step_does_not_recompile_at_closing_steps(cfg):
     assert float(opt.param_groups[0]["alpha"]) == pytest.approx(ref.param_groups[0]["alpha"], rel=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(scope="tensor", amsgrad=True, maximize=True, window=2)],
-                         ids=["defaults", "tensor-amsgrad-maximize"])
+@pytest.mark.parametrize("cfg", [dict(), dict(scope="tensor", amsgrad=True, maximize=True, window=2),
+                                 dict(window=1, max_window=4)],
+                         ids=["defaults", "tensor-amsgrad-maximize", "adaptive-window"])
 def test_compiled_tlr_adamw_step_follows_the_reference_without_recompiling(cfg):
     """torch.compile(opt.step) of TLRAdamW: the float64 reference's weights and α over 24 steps
     (eight or more closings), and no new graph once warmed up (α and the step counter are

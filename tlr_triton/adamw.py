@@ -1,14 +1,15 @@
 """TLRAdamW: AdamW whose learning rate α is trained by TLR's Newton step (docs/adamw.md).
 
 Two paths: PyTorch's foreach ops (any device) and, for CUDA tensors, Triton kernels that do an
-ordinary step in one pass (kernels/adamw_step.py); fixed windows. α lives on the parameters'
+ordinary step in one pass (kernels/adamw_step.py; fixed windows only). Windows are fixed, or
+TLR's adaptive window (``window="auto"``, PyTorch path), decided on the device. α lives on the parameters'
 device (``group["alpha"]``, a 0-dim float32 tensor; ``state[p]["alpha"]`` with scope
 "tensor") and is updated there: ``step()`` reads no device value on the host. The window's
 statistic R = Σ √p·σg + λ·w/√p (p = 1/(√v̂ + ε)) is SPEC's u in the coordinates in which
 AdamW is SGD with momentum, and α's update is SPEC's (``functional._update_alphas``, shared
 with ``TLR``). Distributed as ``TLR``: DDP as is, ZeRO with ``shard_group``, FSDP2's DTensors
-shard by shard with their mesh's all-reduce (on the PyTorch path). Not yet: the adaptive window
-and its guard (issue 12).
+shard by shard with their mesh's all-reduce (on the PyTorch path). Not yet: the adaptive
+window's blow-up guard, and the adaptive window on the Triton path (issue 12).
 """
 
 from __future__ import annotations
@@ -23,18 +24,21 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .optimizer import (_collective_device, _dtensor_group, _local, _resolve_backend, _ShardGroup,
-                        check_hyperparameters, initial_alpha, schedule_factor)
+from .optimizer import (DEFAULT_WINDOW_RESET, _collective_device, _dtensor_group, _local, _resolve_backend,
+                        _ShardGroup, check_hyperparameters, initial_alpha, schedule_factor, window_schedule)
 
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
 _GRAD, _DEVICE, _DTYPE, _IS_SPARSE = (operator.attrgetter(a) for a in ("grad", "device", "dtype", "is_sparse"))
 _IS_FLOAT = operator.attrgetter("is_floating_point")
-_HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope")
+_HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope", "max_window",
+          "window_reset")
+_WINDOW_DEFAULTS = {"max_window": None, "window_reset": DEFAULT_WINDOW_RESET}  # for checkpoints from before them
 
 
-def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope) -> None:
+def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope, max_window=None,
+                          window_reset=DEFAULT_WINDOW_RESET) -> None:
     """Raise ValueError/TypeError naming the first invalid argument."""
     initial_alpha(lr)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -46,15 +50,24 @@ def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound
         raise ValueError(f"Invalid epsilon value: {eps!r} (expected a finite number >= 0)")
     if not isinstance(amsgrad, bool):
         raise TypeError(f"Invalid amsgrad: {amsgrad!r} (expected a bool)")
-    if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
-        raise ValueError(f"Invalid window: {window!r} (TLRAdamW takes a fixed window of >= 1 steps)")
     check_hyperparameters(momentum=0.0, dampening=0.0, weight_decay=weight_decay, nesterov=False, bound=bound,
-                          window=window, blowup_ratio=None, scope=scope, statistic="gradient", maximize=maximize)
+                          window=window, max_window=max_window, window_reset=window_reset, blowup_ratio=None,
+                          scope=scope, statistic="gradient", maximize=maximize)
 
 
 def _check_backend(backend) -> None:
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"Invalid backend: {backend!r} (expected 'auto', 'torch' or 'triton')")
+
+
+def _adaptive(group: dict[str, Any]) -> bool:
+    return window_schedule(group["window"], group.get("max_window"))[1] > 1
+
+
+def _check_window_backend(group: dict[str, Any]) -> None:
+    if group.get("backend", "torch") == "triton" and _adaptive(group):
+        raise ValueError(f"backend='triton' takes a fixed window (an int), not window={group['window']!r} with "
+                         f"max_window={group.get('max_window')!r}: the adaptive window runs on the PyTorch path")
 
 
 class TLRAdamW(_ShardGroup, Optimizer):
@@ -70,9 +83,14 @@ class TLRAdamW(_ShardGroup, Optimizer):
         lr: the initial α (> 0).
         betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
         bound: the Newton step's cap c (α grows by at most 1 + c per window).
-        window: steps per window (α is updated once per window).
+        window: "auto" (the default, as TLR's): TLR's adaptive window — windows of k units of 3
+            steps, k + 1 after a closing whose Newton step was small (|r| < ``window_reset``),
+            back to 1 after a large one, up to ``max_window`` steps (48), decided on the device
+            (no host read); PyTorch path only, without TLR's blow-up guard (docs/adamw.md,
+            "Adaptive window"). Or an int: fixed windows of that many steps (the Triton path).
+        max_window, window_reset: the adaptive window's longest window (steps) and threshold.
         scope: "group" (one α per group) or "tensor" (one per parameter tensor).
-        backend: "torch" (the default: PyTorch's foreach ops), "triton" (kernels/adamw_step.py:
+        backend: "torch" (the default: PyTorch's foreach ops), "triton" (fixed windows only; kernels/adamw_step.py:
             one pass over w, g, m, v and the window sum per ordinary step; on CPU tensors through
             Triton's interpreter, ``TRITON_INTERPRET=1``) or "auto" (Triton for CUDA tensors where
             it is installed). The default stays "torch" until ``bench/gpu_check.py`` has run the
@@ -88,19 +106,23 @@ class TLRAdamW(_ShardGroup, Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int = 3,
-                 scope: str = "group", backend: str = "torch", shard_group=None) -> None:
-        check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
+                 amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int | str = "auto",
+                 scope: str = "group", backend: str = "torch", shard_group=None, max_window: int | None = None,
+                 window_reset: float = DEFAULT_WINDOW_RESET) -> None:
+        check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope, max_window,
+                              window_reset)
         _check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, bound=bound, window=window, scope=scope, backend=backend)
+                        maximize=maximize, bound=bound, window=window, scope=scope, backend=backend,
+                        max_window=max_window, window_reset=window_reset)
         super().__init__(params, defaults)
         self._set_shard_group(shard_group)  # not a group option (_ShardGroup, shared with TLR)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        merged = {**_WINDOW_DEFAULTS, **self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         check_adamw_arguments(*(merged[k] for k in _HYPER))  # before torch adds the group: a refused group is not kept
         _check_backend(merged.get("backend", "torch"))
+        _check_window_backend(merged)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
@@ -109,11 +131,13 @@ class TLRAdamW(_ShardGroup, Optimizer):
         group.setdefault("step", 0)  # host counter: fixed windows are scheduled on the host, no sync
         device = group["params"][0].device if group["params"] else torch.device("cpu")
         group["alpha"] = torch.tensor(initial_alpha(group["lr"]), dtype=torch.float32, device=device)
+        group["window_state"] = torch.tensor([0, 1], dtype=torch.int64, device=device)  # [units so far, k]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts floating-point state to the parameter's dtype (which would round the
         fp32 state of bf16 parameters): these entries are put back in their own dtype here."""
         state_dict = dict(state_dict)
+        state_dict["param_groups"] = [{**_WINDOW_DEFAULTS, **g} for g in state_dict.get("param_groups", [])]
         for index, group in enumerate(state_dict.get("param_groups", [])):  # checked before anything is replaced
             missing = [k for k in _HYPER + ("alpha", "step", "initial_lr") if k not in group]
             if missing:
@@ -138,6 +162,8 @@ class TLRAdamW(_ShardGroup, Optimizer):
         for group in self.param_groups:
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             group["alpha"] = torch.as_tensor(group["alpha"]).to(device=device, dtype=torch.float32, copy=True)
+            group["window_state"] = torch.as_tensor(group.get("window_state", [0, 1])).to(
+                device=device, dtype=torch.int64, copy=True)
             group.setdefault("backend", self.defaults.get("backend", "torch"))  # a checkpoint from before the option
 
     @torch.no_grad()
@@ -154,10 +180,14 @@ class TLRAdamW(_ShardGroup, Optimizer):
         for group, plan, collective, triton in zip(self.param_groups, plans, collectives, paths):
             if plan is not None:  # (nothing was modified before every group was checked)
                 self._step_group(group, *plan, collective, triton)
-            elif collective is not None and self._closes(group) and group["scope"] == "group":
-                # this rank holds none of the group's gradients now: it still joins the sum, and takes its α
-                totals = torch.zeros(2, dtype=torch.float64, device=_collective_device(group, collective))
-                self._update_alpha([group["alpha"]], totals, group["bound"], collective)
+            elif collective is not None and self._closes(group) and (group["scope"] == "group" or _adaptive(group)):
+                # this rank holds none of the group's gradients now: it still joins the sum(s), and takes its α
+                # (and the adaptive window's next state)
+                zero = torch.zeros(1, dtype=torch.float64, device=_collective_device(group, collective))
+                tensor_scope = group["scope"] == "tensor"
+                self._window_end(group, [] if tensor_scope else [group["alpha"]], zero[:0] if tensor_scope else zero,
+                                 zero[:0] if tensor_scope else zero, collective,
+                                 collective if collective is not self._shard_group else None)
             group["step"] += 1
         return loss
 
@@ -168,6 +198,10 @@ class TLRAdamW(_ShardGroup, Optimizer):
         if plan is None:
             return False
         triton = _resolve_backend(group.get("backend", "torch"), plan[0][0].device, index) == "triton"
+        if triton and _adaptive(group):
+            if group.get("backend") == "triton":  # (refused when the group was added; a group edited since)
+                _check_window_backend(group)
+            return False  # "auto": the adaptive window runs on the PyTorch path
         if triton and collective is not None:
             raise NotImplementedError(f"group {index}: statistics summed over a process group (shard_group, FSDP2) "
                                       "run on the PyTorch path: pass backend='torch'")
@@ -175,7 +209,9 @@ class TLRAdamW(_ShardGroup, Optimizer):
 
     @staticmethod
     def _closes(group: dict[str, Any]) -> bool:
-        return (group["step"] + 1) % group["window"] == 0
+        """Whether this step ends a window (fixed windows) or a unit of an adaptive one (which
+        closes where the device's window state says so)."""
+        return (group["step"] + 1) % window_schedule(group["window"], group.get("max_window"))[0] == 0
 
     def _collective(self, index: int, group: dict[str, Any]):
         """The process group whose ranks sum this group's statistics: a DTensor mesh's, the
@@ -187,15 +223,44 @@ class TLRAdamW(_ShardGroup, Optimizer):
         return mesh if mesh is not None else self._shard_group
 
     @staticmethod
-    def _update_alpha(alphas: list[Tensor], totals: Tensor, bound: float, collective) -> None:
-        """α from [⟨R, P⟩, ‖R‖²] summed over ``collective`` (None: this process alone)."""
-        if collective is not None:
-            import torch.distributed as dist
+    def _window_end(group: dict[str, Any], alphas: list[Tensor], dots: Tensor, sqs: Tensor, collective,
+                    per_tensor_mesh) -> Tensor | None:
+        """The end of a fixed window, or of a unit of an adaptive one: α's update from ⟨R, P⟩ and
+        ‖R‖² (``dots``, ``sqs``: float64, one per α of ``alphas``), summed over ``collective`` for
+        scope "group" and over ``per_tensor_mesh`` (FSDP2's: every tensor sharded) for scope
+        "tensor" (ZeRO keeps each tensor whole on one rank: its statistics are its own). Returns
+        None for a fixed window (it closes now); for an adaptive one, the device bool "the window
+        closes now" (its units reach k), by which α's update is masked, and the window state
+        advanced: after a closing k = 1 if |r| of the group's totals >= window_reset, else
+        min(k + 1, K) (TLR's rule, no host read)."""
+        import torch.distributed as dist
 
-            reduced = totals.clone()
-            dist.all_reduce(reduced, group=collective)
-            totals = reduced.to(alphas[0].device)
-        functional._update_alphas(alphas, totals[:1], totals[1:], bound)
+        w0, units = window_schedule(group["window"], group.get("max_window"))
+        n, bound = dots.numel(), group["bound"]
+        totals = torch.cat([dots, sqs])
+        mesh = collective if group["scope"] == "group" else per_tensor_mesh
+        if mesh is not None:
+            totals = totals.clone()
+            dist.all_reduce(totals, group=mesh)
+        if alphas:
+            totals = totals.to(alphas[0].device)
+        if units == 1:
+            if alphas:
+                functional._update_alphas(alphas, totals[:n], totals[n:], bound)
+            return None
+        ws = group["window_state"]
+        done, k = ws[0] + 1, ws[1].clamp(max=units)
+        closes = done >= k
+        if alphas:
+            functional._update_alphas(alphas, totals[:n], totals[n:], bound, closes.to(totals.device))
+        both = torch.stack([totals[:n].sum(), totals[n:].sum()])  # the group's, for the next window's length
+        if group["scope"] == "tensor" and collective is not None and per_tensor_mesh is None:
+            dist.all_reduce(both, group=collective)
+        large = (functional.newton_factor(both[0], both[1], bound) - 1.0).abs() >= group["window_reset"]
+        large = large.to(ws.device)
+        next_k = torch.where(large, torch.ones_like(k), (k + 1).clamp(max=units))
+        ws.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, k])))
+        return closes
 
     def _check_group(self, index: int, group: dict[str, Any]):
         params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
@@ -297,21 +362,21 @@ class TLRAdamW(_ShardGroup, Optimizer):
             prevs = [st["prev_window_sum"] for st in states]
             dots = torch.stack([(r * q).sum(dtype=torch.float64) for r, q in zip(sums, prevs)])
             sqs = torch.stack([(r * r).sum(dtype=torch.float64) for r in sums])
+            # ZeRO keeps each tensor whole on one rank (its statistics are its own); FSDP2
+            # shards every tensor over the mesh (each tensor's are summed over it)
+            mesh = collective if collective is not None and collective is not self._shard_group else None
             if group["scope"] == "group":
-                self._update_alpha([group["alpha"]], torch.stack([dots.sum(), sqs.sum()]), group["bound"], collective)
+                closes = self._window_end(group, [group["alpha"]], dots.sum().reshape(1), sqs.sum().reshape(1),
+                                          collective, mesh)
             else:
-                # ZeRO keeps each tensor whole on one rank (its statistics are its own); FSDP2
-                # shards every tensor over the mesh (each tensor's are summed over it)
-                n, mesh = len(states), collective if collective is not None and collective is not self._shard_group else None
-                totals = torch.cat([dots, sqs])
-                if mesh is not None:
-                    import torch.distributed as dist
-
-                    totals = totals.clone()
-                    dist.all_reduce(totals, group=mesh)
-                functional._update_alphas([st["alpha"] for st in states], totals[:n], totals[n:], group["bound"])
-            for st in states:  # P ← A, A ← 0 (the old P's storage is reused)
-                st["prev_window_sum"], st["window_sum"] = st["window_sum"], st["prev_window_sum"].zero_()
+                closes = self._window_end(group, [st["alpha"] for st in states], dots, sqs, collective, mesh)
+            if closes is None:  # a fixed window: P ← A, A ← 0 (the old P's storage is reused)
+                for st in states:
+                    st["prev_window_sum"], st["window_sum"] = st["window_sum"], st["prev_window_sum"].zero_()
+            else:  # where the adaptive window closes now, on the device
+                for st in states:
+                    st["prev_window_sum"].copy_(torch.where(closes, st["window_sum"], st["prev_window_sum"]))
+                    st["window_sum"].masked_fill_(closes, 0.0)
         if group["scope"] == "group":
             torch._foreach_mul_(d, group["alpha"].to(sdtype))
         else:

@@ -200,7 +200,9 @@ class ReferenceTLR(Optimizer):
 
 
 class ReferenceTLRAdamW(Optimizer):
-    """TLR for AdamW (docs/adamw.md), one tensor at a time, in float64; fixed windows.
+    """TLR for AdamW (docs/adamw.md), one tensor at a time, in float64; fixed windows, or TLR's
+    adaptive window (``window="auto"``, ``max_window``, ``window_reset``: ReferenceTLR's rule,
+    without its blow-up guard).
 
     The weights move as ``torch.optim.AdamW``'s, by α·d with d = p·m̂ + λ·w, p = 1/(√v̂ + ε)
     (α times lr / initial_lr under a schedule). α is trained by SPEC's Newton step on window
@@ -215,12 +217,15 @@ class ReferenceTLRAdamW(Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, bound=0.25, window=3, scope="group", statistic="gradient"):
-        check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope)
+                 maximize=False, bound=0.25, window="auto", scope="group", statistic="gradient", max_window=None,
+                 window_reset=DEFAULT_WINDOW_RESET):
+        check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope, max_window,
+                              window_reset)
         if statistic not in ("gradient", "direction"):
             raise ValueError(f"Invalid statistic: {statistic!r} (expected 'gradient' or 'direction')")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, bound=bound, window=window, scope=scope, statistic=statistic)
+                        maximize=maximize, bound=bound, window=window, scope=scope, statistic=statistic,
+                        max_window=max_window, window_reset=window_reset)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -229,6 +234,7 @@ class ReferenceTLRAdamW(Optimizer):
         group["alpha"] = _f32(float(group["lr"]))
         group.setdefault("initial_lr", float(group["lr"]))
         group.setdefault("step", 0)
+        group["units_done"], group["units"] = 0, 1  # the adaptive window so far and its length, in units of W0 steps
 
     def _preconditioner(self, vhat, eps):
         """p = 1/(√v̂ + ε): AdamW's. (The reduction test replaces it by 1 to get SPEC back.)"""
@@ -281,7 +287,19 @@ class ReferenceTLRAdamW(Optimizer):
             st["window_sum"] = st["window_sum"] + u
             directions[p] = d
 
-        if live and (group["step"] + 1) % group["window"] == 0:  # α first, then the move (Algorithm 2's order)
+        # The window: k units of W0 steps (k = 1 always for a fixed window); the group's Newton
+        # step at a closing sets the next k, as ReferenceTLR's adaptive window (without its guard)
+        w0, max_units = window_schedule(group["window"], group["max_window"])
+        closes = False
+        if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
+            group["units_done"] += 1
+            closes = group["units_done"] >= min(group["units"], max_units)
+        if closes:  # α first, then the move (Algorithm 2's order)
+            dot = _sum_of(self.state, live, "window_sum", "prev_window_sum")
+            sq = _sum_of(self.state, live, "window_sum", "window_sum")
+            large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
+            group["units"] = 1 if large else min(min(group["units"], max_units) + 1, max_units)
+            group["units_done"] = 0
             scopes = [live] if group["scope"] == "group" else [[p] for p in live]
             for tensors in scopes:
                 holder = group if group["scope"] == "group" else self.state[tensors[0]]
