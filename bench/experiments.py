@@ -462,9 +462,13 @@ def adamw_table(task: str, runs: dict) -> list[str]:
              "| start | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for lr in lrs:
         lines.append(f"| {lr:g} | " + " | ".join(cell(by[n][lr]) if lr in by[n] else "" for n in names) + " |")
-    spreads = [max(mean(hs) for hs in by[n].values()) - min(mean(hs) for hs in by[n].values()) for n in names]
+    def spread(n):  # a start whose mean is not finite (a diverged seed) makes the spread infinite
+        means = [mean(hs) for hs in by[n].values()]
+        return max(means) - min(means) if all(map(math.isfinite, means)) else math.inf
+
+    spreads = [spread(n) for n in names]
     lines.append("| spread over the starts | " + " | ".join(f"{s:.3g}" for s in spreads) + " |")
-    tuned = [mean(hs) for n in ("adamw", "adamw-cosine") for hs in by.get(n, {}).values()]
+    tuned = [m for n in ("adamw", "adamw-cosine") for hs in by.get(n, {}).values() if math.isfinite(m := mean(hs))]
     for variant in [n for n in ("tlr-adamw", "tlr-adamw-auto") if n in by and tuned]:
         # the criterion is in perplexity (relative); accuracy gaps are given in points
         best = min(tuned) if lower else max(tuned)

@@ -212,6 +212,31 @@ def test_the_adaptive_window_follows_the_reference(dtype, rtol, config):
     assert max(lengths) >= 3 and any(a > 1 and b == 1 for a, b in zip(lengths, lengths[1:])), lengths
 
 
+def test_window_settings_changed_mid_run_follow_the_reference():
+    """window "auto" → 3 → "auto", and max_window lowered for a few steps then restored: the
+    window state and α as the reference's at every step (a review found the window state kept
+    from before a fixed stretch, and k clamped for good by a lowered max_window)."""
+    ours, ref = _pair(torch.float64)
+    opt, reference = TLRAdamW(ours, lr=2.0 ** -8), ReferenceTLRAdamW(ref, lr=2.0 ** -8)
+    g = torch.Generator().manual_seed(7)
+    lowered = []
+    for i in range(110):
+        for group in (opt.param_groups[0], reference.param_groups[0]):
+            group["window"] = 3 if 15 <= i < 33 else "auto"
+            group["max_window"] = 12 if 80 <= i < 82 else None  # 4 units, early in a window of 6
+        for p, q in zip(ours, ref):
+            q.grad = torch.randn(q.shape, generator=g, dtype=torch.float64)
+            p.grad = q.grad.clone()
+        opt.step()
+        reference.step()
+        state = opt.param_groups[0]["window_state"].tolist()
+        assert state == [reference.param_groups[0]["units_done"], reference.param_groups[0]["units"]], i
+        assert float(opt.param_groups[0]["alpha"]) == pytest.approx(reference.param_groups[0]["alpha"], rel=1e-7), i
+        if 80 <= i < 82:
+            lowered.append(state)
+    assert lowered == [[1, 6], [1, 6]], lowered  # k beyond the lowered max_window's 4 units, kept
+
+
 def test_the_triton_path_takes_fixed_windows_only():
     w = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="backend='triton' takes a fixed window .* window='auto'"):

@@ -7,6 +7,7 @@ import torch
 
 from helpers import lockstep, make_params, set_grads
 from tlr_triton import TLR
+from tlr_triton.reference import ReferenceTLR
 
 MOMENTA = {
     "plain": dict(momentum=0.0),
@@ -244,3 +245,34 @@ def test_blowup_guard_off_keeps_the_window_open():
     log = _blowup_run(blowup_ratio=None, momentum=0.9)
     _, k = log[41][1]  # after the same unit: the window is as long as the noise made it
     assert k >= 3
+
+
+def test_a_max_window_lowered_for_a_while_does_not_shorten_the_window_for_good(path):
+    """max_window lowered for two steps early in a long window, then restored: the window keeps
+    its length k (the device-masked path stored k clamped to the lowered maximum: a review of
+    TLRAdamW's copy of the rule found it). α and the window state as the reference's."""
+    def run(opt_cls, lowered_at=None, states=None):
+        torch.manual_seed(0)
+        params = [torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randn(7, dtype=torch.float64,
+                                                                                         requires_grad=True)]
+        opt = opt_cls(params, lr=0.01, momentum=0.8, weight_decay=5e-4, blowup_ratio=None)
+        gen = torch.Generator().manual_seed(3)
+        for i in range(120):
+            opt.param_groups[0]["max_window"] = 12 if lowered_at is not None and lowered_at <= i < lowered_at + 2 else None
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+            if states is not None:
+                g = opt.param_groups[0]
+                states.append([g["units_done"], g["units"]] if "units" in g else g["window_state"].tolist())
+        return opt
+
+    found = []
+    run(ReferenceTLR, states=found)
+    # a unit's end at which the window has more than 4 units and is at most 2 units in
+    at = next(i for i, (done, k) in enumerate(found) if (i + 1) % 3 == 0 and k > 4 and 1 <= done <= 2)
+    ref_states, states = [], []
+    ref = run(ReferenceTLR, at, ref_states)
+    opt = run(TLR, at, states)
+    assert states == ref_states
+    assert float(opt.param_groups[0]["alpha"]) == pytest.approx(ref.param_groups[0]["alpha"], rel=1e-6)

@@ -73,7 +73,7 @@ def _check_window_backend(group: dict[str, Any]) -> None:
 class TLRAdamW(_ShardGroup, Optimizer):
     r"""AdamW (decoupled weight decay, as ``torch.optim.AdamW``) with a trained learning rate.
 
-    The weights move by α·d, d = m̂/(√v̂ + ε) + λ·w; every ``window`` steps α ← α·(1 + r)
+    The weights move by α·d, d = m̂/(√v̂ + ε) + λ·w; at every window's end α ← α·(1 + r)
     with SPEC's r from ⟨R_k, R_{k−1}⟩ and ‖R_k‖² (docs/adamw.md). ``lr`` is α's start and
     stays the schedule channel: under a learning-rate scheduler the weights move by
     α·lr/initial_lr, and α keeps training.
@@ -98,8 +98,9 @@ class TLRAdamW(_ShardGroup, Optimizer):
             of time for sm_80/sm_90 only. Collectives (``shard_group``, FSDP2) need "torch".
         shard_group: as ``TLR``'s: a process group whose ranks each hold part of every
             param group (``ZeroRedundancyOptimizer(..., optimizer_class=TLRAdamW,
-            shard_group=group)``); at every closing ⟨R_k, R_{k−1}⟩ and ‖R_k‖² are summed over
-            it in one all-reduce, so that every rank takes the single process's α. FSDP2's
+            shard_group=group)``); at every closing (with the adaptive window: at every unit's end)
+            ⟨R_k, R_{k−1}⟩ and ‖R_k‖² are summed over it in one all-reduce, so that every rank takes
+            the single process's α and window. FSDP2's
             DTensor parameters need none: their mesh's group is used (each rank updates its
             shards; the statistics of scope "group" and "tensor" are summed over the mesh).
             Under DDP every rank already holds the same gradients and needs none either.
@@ -244,11 +245,13 @@ class TLRAdamW(_ShardGroup, Optimizer):
             dist.all_reduce(totals, group=mesh)
         if alphas:
             totals = totals.to(alphas[0].device)
+        ws = group["window_state"]
         if units == 1:
             if alphas:
                 functional._update_alphas(alphas, totals[:n], totals[n:], bound)
+            ws[0].zero_()  # a fixed window closes: an adaptive one chosen later starts afresh (as the reference)
+            ws[1].fill_(1)
             return None
-        ws = group["window_state"]
         done, k = ws[0] + 1, ws[1].clamp(max=units)
         closes = done >= k
         if alphas:
@@ -259,7 +262,8 @@ class TLRAdamW(_ShardGroup, Optimizer):
         large = (functional.newton_factor(both[0], both[1], bound) - 1.0).abs() >= group["window_reset"]
         large = large.to(ws.device)
         next_k = torch.where(large, torch.ones_like(k), (k + 1).clamp(max=units))
-        ws.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, k])))
+        # (k as it was, not clamped: a max_window lowered for a while does not shorten the window for good)
+        ws.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, ws[1]])))
         return closes
 
     def _check_group(self, index: int, group: dict[str, Any]):
@@ -287,6 +291,8 @@ class TLRAdamW(_ShardGroup, Optimizer):
         params = owners if triton else [_local(p) for p in owners]
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
+        if group["window_state"].device != params[0].device:  # (a review found it left behind)
+            group["window_state"] = group["window_state"].to(params[0].device)
         # the Triton kernels address state as contiguous memory
         layout = torch.contiguous_format if triton else torch.preserve_format
         states = [self.state[p] for p in owners]
@@ -375,7 +381,7 @@ class TLRAdamW(_ShardGroup, Optimizer):
                     st["prev_window_sum"], st["window_sum"] = st["window_sum"], st["prev_window_sum"].zero_()
             else:  # where the adaptive window closes now, on the device
                 for st in states:
-                    st["prev_window_sum"].copy_(torch.where(closes, st["window_sum"], st["prev_window_sum"]))
+                    torch.where(closes, st["window_sum"], st["prev_window_sum"], out=st["prev_window_sum"])
                     st["window_sum"].masked_fill_(closes, 0.0)
         if group["scope"] == "group":
             torch._foreach_mul_(d, group["alpha"].to(sdtype))

@@ -1095,7 +1095,9 @@ def _adaptive_unit_end(config, statistics, squares, window_sums, prev_window_sum
 
     def finish():
         update_alphas(early)
-        window_state.copy_(torch.where(closes, closed_state, torch.stack([done, k])))
+        # (k as it was, not clamped: a max_window lowered for a while does not shorten the window for good,
+        # as on the CPU and in the reference)
+        window_state.copy_(torch.where(closes, closed_state, torch.stack([done, window_state[1]])))
         if closed_energy is not None:
             window_energy.copy_(torch.where(closes, closed_energy, window_energy))
         for a, p in zip(window_sums, prev_window_sums):
