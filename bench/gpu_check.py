@@ -114,14 +114,22 @@ def check_adamw(device, sizes):
             p.grad = torch.randn_like(p)
         opt.step()
         opt.step()
+        # and the default: the PyTorch path with the adaptive window, decided on the device
+        default = TLRAdamW([torch.randn(1000, device=device, requires_grad=True) for _ in range(3)], lr=1e-3)
+        for p in default.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        default.step()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for _ in range(10):
                 opt.step()
+            for _ in range(30):  # unit ends and closings included
+                default.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     print(f"TLRAdamW Triton path: OK ({len(configs)} settings x fp32/bf16 against the float64 reference, 8 steps"
-          + ("; no host sync in 10 steps)" if device.type == "cuda" else ")"))
+          + ("; no host sync in 10 steps, nor in 30 of the default (PyTorch path, adaptive window))"
+             if device.type == "cuda" else ")"))
 
 
 def adamw_speed(device):
