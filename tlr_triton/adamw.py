@@ -2,8 +2,8 @@
 
 Two paths: PyTorch's foreach ops (any device) and, for CUDA tensors, Triton kernels that do an
 ordinary step in one pass (kernels/adamw_step.py; fixed windows only). Windows are fixed, or
-TLR's adaptive window (``window="auto"``, PyTorch path), decided on the device. α lives on the parameters'
-device (``group["alpha"]``, a 0-dim float32 tensor; ``state[p]["alpha"]`` with scope
+TLR's adaptive window (``window="auto"``, the default; PyTorch path), decided on the device.
+α lives on the parameters' device (``group["alpha"]``, a 0-dim float32 tensor; ``state[p]["alpha"]`` with scope
 "tensor") and is updated there: ``step()`` reads no device value on the host. The window's
 statistic R = Σ √p·σg + λ·w/√p (p = 1/(√v̂ + ε)) is SPEC's u in the coordinates in which
 AdamW is SGD with momentum, and α's update is SPEC's (``functional._update_alphas``, shared
@@ -90,10 +90,10 @@ class TLRAdamW(_ShardGroup, Optimizer):
             "Adaptive window"). Or an int: fixed windows of that many steps (the Triton path).
         max_window, window_reset: the adaptive window's longest window (steps) and threshold.
         scope: "group" (one α per group) or "tensor" (one per parameter tensor).
-        backend: "torch" (the default: PyTorch's foreach ops), "triton" (fixed windows only; kernels/adamw_step.py:
-            one pass over w, g, m, v and the window sum per ordinary step; on CPU tensors through
-            Triton's interpreter, ``TRITON_INTERPRET=1``) or "auto" (Triton for CUDA tensors where
-            it is installed). The default stays "torch" until ``bench/gpu_check.py`` has run the
+        backend: "torch" (the default: PyTorch's foreach ops), "triton" (fixed windows only;
+            kernels/adamw_step.py: one pass over w, g, m, v and the window sum per ordinary step;
+            on CPU tensors through Triton's interpreter, ``TRITON_INTERPRET=1``) or "auto" (Triton
+            for CUDA tensors where it is installed and the window is fixed). The default stays "torch" until ``bench/gpu_check.py`` has run the
             Triton path on a GPU: so far it is checked through the interpreter and compiled ahead
             of time for sm_80/sm_90 only. Collectives (``shard_group``, FSDP2) need "torch".
         shard_group: as ``TLR``'s: a process group whose ranks each hold part of every
