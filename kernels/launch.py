@@ -321,9 +321,10 @@ def tlr_triton_step(
     blowup_ratio = config.blowup_ratio if units > 1 else None  # the guard watches adaptive windows only
     device = step.device
     again = keep.get("launches") if layout_unchanged and keep is not None else None
-    kept = None  # what ``keep`` holds after the launches (they may raise: then it holds what it held)
+    # ``kept``: what ``keep`` holds after the launches (None: nothing to repeat); written only once
+    # they are issued (they may raise: ``keep`` then holds what it held)
     if again is not None and again[0] == snapshots:
-        _, launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials = again
+        _, launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials = kept = again
         if addresses is not None:  # the tensors moved: the tables take their new addresses
             launches, host_tabs = _moved(launches, host_tabs, addresses, len(params), device)
             kept = [again[0], launches, host_tabs, *again[3:]]
@@ -334,10 +335,9 @@ def tlr_triton_step(
         launches, host_tabs, total, nblks, part_offsets, alpha_ptrs, serials, copies, alive, new = _plan_launches(
             params, grads, momentum_buffers, window_sums, prev_window_sums, alphas, momentum, scope, device, buckets,
             snapshots, first_steps, state_token)
-        if keep is not None:
-            # working copies and first steps are not repeated
-            kept = {} if copies or alive or new else [list(snapshots), launches, host_tabs, total, nblks,
-                                                      part_offsets, alpha_ptrs, serials]
+        # working copies and first steps are not repeated
+        kept = None if copies or alive or new else [list(snapshots), launches, host_tabs, total, nblks,
+                                                    part_offsets, alpha_ptrs, serials]
 
     def build_group():
         width = max(total, 1)
@@ -395,9 +395,7 @@ def tlr_triton_step(
             )
     for p, pc in copies:
         p.copy_(pc)
-    if kept == {}:
-        keep.pop("launches", None)
-    elif kept is not None:
+    if keep is not None:
         keep["launches"] = kept
 
 

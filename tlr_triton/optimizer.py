@@ -1009,28 +1009,27 @@ class TLR(_ShardGroup, Optimizer):
                     )
                 # a rank with nothing to update still joins the group's collective
                 device = device or _collective_device(group, shard_group)
-            key = steady = None
+            key = None
             if device is not None:
                 snapshots = functional.snapshots_allowed(factor)
                 if isinstance(factor, Tensor):  # non_blocking: a CPU tensor lr must not sync the host with a GPU
                     factor = factor.to(dtype=torch.float32).to(device, non_blocking=True)
                 key = (backend, device, snapshots, group["statistic"], group["momentum"], group["dampening"],
                        group["nesterov"], group["scope"])
-                steady = found is not None  # _check_group found every tensor as at the plan's last step (or moved)
                 if plan is not None:
                     self._group_tensors(group, backend, device)
                     # the shortcut holds for a plan checked by the last step() only
                     if not plan.fits(self.state, group, present, key,
-                                     state_unchanged and plan.last_step == self._steps - 1, steady):
+                                     state_unchanged and plan.last_step == self._steps - 1, found is not None):
                         plan = None
-                        if steady:  # the state changed: gather afresh
-                            grads_all, steady, found = list(map(_GRAD, group["params"])), False, None
+                        if found is not None:  # the state changed: gather afresh
+                            grads_all, found = list(map(_GRAD, group["params"])), None
                 if plan is None and backend == "triton" and not torch.compiler.is_compiling():
                     self._check_state(index, group, dtensor)  # (torch's ops check sizes themselves)
             prepared.append((index, group, factor, device, dtensor, grads_all, plan, config, backend, mesh_group,
-                             shard_group, key, steady, found))
+                             shard_group, key, found))
         for index, group, factor, device, dtensor, grads_all, plan, config, backend, mesh_group, shard_group, key, \
-                steady, found in prepared:
+                found in prepared:
             if device is None:  # nothing to update; the step still counts
                 if isinstance(group["step"], Tensor):
                     advance_step(group["step"], found_inf)
@@ -1038,6 +1037,7 @@ class TLR(_ShardGroup, Optimizer):
                     group["step"] += 1
                 continue
             snapshots = key[2]
+            steady = found is not None  # every tensor as at the plan's last step, or only moved (_check_group)
             if plan is not None:
                 params, bufs, sums, prev_sums, alphas, keys, owners = (
                     plan.params, plan.bufs, plan.sums, plan.prevs, plan.alphas, plan.keys, plan.owners)
