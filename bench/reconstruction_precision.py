@@ -2,6 +2,7 @@
 
     python bench/reconstruction_precision.py                      # wine and breast cancer, defaults and windows 3, 12
     python bench/reconstruction_precision.py --task digits --windows 12
+    python bench/reconstruction_precision.py --task wine --windows auto 3 --dampening 0.3
 
 On the Triton path, for fp32/fp64 weights and no learning-rate schedule, A (the window's
 sum of u = g + λ·w) is not summed in a buffer of its own: it is recovered from one snapshot
@@ -38,17 +39,17 @@ from tlr_triton import TLR, functional  # noqa: E402
 BATCH = {"digits": 128, "wine": 16, "cancer": 16, "charlm": 32}
 
 
-def run(task, window, snapshots: bool, seed: int = 0, epochs: int | None = None) -> dict:
+def run(task, window, snapshots: bool, seed: int = 0, epochs: int | None = None, dampening: float = 0.0) -> dict:
     """Train with TLR on the Triton path; ``window`` an int (fixed) or "auto". Returns α after
     every step, the final loss, and whether the optimizer held a snapshot."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = task.model(seed).to(device)
     kw = dict(window=window) if window != "auto" else {}
-    opt = TLR(model.parameters(), lr=LR0[task.name], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend="triton",
-              **kw)
+    opt = TLR(model.parameters(), lr=LR0[task.name], momentum=MOMENTUM, dampening=dampening, weight_decay=WEIGHT_DECAY,
+              backend="triton", **kw)
     form = functional.snapshot_form
     if not snapshots:
-        functional.snapshot_form = lambda *args: None  # A summed, as with dampening
+        functional.snapshot_form = lambda *args: None  # A summed, as with a learning-rate schedule
     try:
         gen = torch.Generator().manual_seed(seed)
         alphas = []
@@ -65,8 +66,8 @@ def run(task, window, snapshots: bool, seed: int = 0, epochs: int | None = None)
     return dict(alphas=alphas, loss=loss, snapshot=held)
 
 
-def compare(task, window, seed=0, epochs=None) -> dict:
-    rec, acc = run(task, window, True, seed, epochs), run(task, window, False, seed, epochs)
+def compare(task, window, seed=0, epochs=None, dampening=0.0) -> dict:
+    rec, acc = run(task, window, True, seed, epochs, dampening), run(task, window, False, seed, epochs, dampening)
     gap = max(abs(a - b) / a for a, b in zip(acc["alphas"], rec["alphas"]))
     return dict(steps=len(acc["alphas"]), gap=gap, acc=acc, rec=rec)
 
@@ -76,19 +77,21 @@ def main() -> None:
     ap.add_argument("--task", nargs="+", default=["wine", "cancer"], choices=list(TASKS))
     ap.add_argument("--windows", nargs="+", default=["auto", "3", "12"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dampening", type=float, default=0.0, help="momentum's dampening τ (the snapshot's c = (1 - μ)/(1 - τ))")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the same order of sums in both runs
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else "Triton's interpreter on the CPU"
     print(f"Window snapshot against summed window, Triton path, fp32, {date.today()}, {platform.machine()}, "
           f"torch {torch.__version__}, {where}")
-    print(f"momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}, seed {args.seed}, batch and epochs of bench/experiments.py")
+    print(f"momentum {MOMENTUM}, dampening {args.dampening}, weight decay {WEIGHT_DECAY}, seed {args.seed}, "
+          "batch and epochs of bench/experiments.py")
     print("| task | window | steps | α, largest relative gap over the run | final α (summed / snapshot) "
           "| final loss (summed / snapshot) |")
     print("|---|---|---:|---:|---|---|")
     for name in args.task:
         task = TASKS[name]()
         for w in args.windows:
-            r = compare(task, w if w == "auto" else int(w), args.seed)
+            r = compare(task, w if w == "auto" else int(w), args.seed, dampening=args.dampening)
             assert r["rec"]["snapshot"] and not r["acc"]["snapshot"]
             print(f"| {name} | {w} | {r['steps']} | {r['gap']:.2g} | {r['acc']['alphas'][-1]:.4g} / "
                   f"{r['rec']['alphas'][-1]:.4g} | {r['acc']['loss']:.4g} / {r['rec']['loss']:.4g} |", flush=True)

@@ -373,6 +373,7 @@ def tlr_triton_step(
                 window_state, window, units, hyper,
                 PARAM_DTYPE=_tl_dtype(dtype), STATE_DTYPE=_tl_dtype(prev_window_sums[idx[0]].dtype),
                 SUM_DIRECTION=config.statistic == "direction", SNAPSHOT=snap,
+                DAMPENED=momentum != 0 and config.dampening != 0,
                 HAS_INF=found_inf is not None, BLOCK=block, ALIGN=align, num_warps=NUM_WARPS, **kw,
             )
         K.tlr_window_kernel[(1,)](
@@ -407,7 +408,8 @@ def _hyper(device, momentum, dampening, weight_decay, maximize, bound, window_re
     tensor ``lr_factor`` (a tensor lr) is put in place on the device, without a host read.
     """
     head = tuple(map(float, (momentum, dampening, weight_decay, -1.0 if maximize else 1.0, bound, window_reset)))
-    tail = (float(blowup_ratio), *map(float, snapshot_form))
+    damp = float(dampening) if float(dampening) < 1 else 0.0  # (τ >= 1 is refused before any step)
+    tail = (float(blowup_ratio), *map(float, snapshot_form), 1.0 / (1.0 - damp))
 
     def vector(values):
         return hypers.get((device, values), lambda: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True))

@@ -77,7 +77,8 @@ H_LR_FACTOR = tl.constexpr(6)      # a learning-rate schedule's factor: the weig
 H_BLOWUP = tl.constexpr(7)         # the adaptive window's blow-up guard ratio (0: off)
 H_KAPPA = tl.constexpr(8)          # SNAPSHOT: A = c·(S - (w - α·κ·b))/α
 H_SNAP_C = tl.constexpr(9)
-HYPER_SIZE = 10
+H_UNDAMP = tl.constexpr(10)        # 1/(1 - τ) (from the host: a division in the kernel spilled)
+HYPER_SIZE = 11
 
 # The blow-up guard's growth test: at a closing with ⟨A, P⟩ < 0 and ‖A‖² per unit above the
 # last window's, weights whose Σ‖w‖² grew more than GROWTH-fold since the last closing cut α (tlr_triton.functional.GROWTH, the
@@ -229,6 +230,7 @@ def tlr_step_kernel(
     NESTEROV: tl.constexpr,
     SUM_DIRECTION: tl.constexpr,   # statistic "direction" (A sums d) or "gradient" (A sums u)
     SNAPSHOT: tl.constexpr,        # WINDOW row holds the window-start snapshot S, not A
+    DAMPENED: tl.constexpr,        # momentum with dampening τ != 0 (SNAPSHOT: c and a first step's term)
     HAS_SCALE: tl.constexpr,
     HAS_INF: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -270,7 +272,12 @@ def tlr_step_kernel(
         s_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, PARAM_DTYPE, ALIGN)
         s = tl.load(s_ptr + lanes, mask=counts, other=0.0).to(STATE_DTYPE)
         rebase = _and(moved_with > 0, moved_with != alpha)
-        if rebase:  # rare: the whole snapshot is needed
+        # a tensor's first step with dampening (b = u, not (1 - τ)·u) breaks the snapshot's
+        # identity for its window: the snapshot is retaken right after it, as after a rebase
+        retake = rebase
+        if DAMPENED:
+            retake = _or(rebase, first != 0)
+        if retake:  # rare: the whole snapshot is needed
             s = tl.load(s_ptr + lanes, mask=live, other=0.0).to(STATE_DTYPE)
     else:
         a_ptr = _at(tab_ptr, WINDOW, n_tensors, t, start, STATE_DTYPE, ALIGN)
@@ -288,18 +295,21 @@ def tlr_step_kernel(
     if SNAPSHOT:
         # A so far, recovered from the window's snapshot, plus this step's term:
         # c·(S - z)/α with z = w - α·κ·b_old is c·(S - w)/α + c·κ·b_old, and c·κ·b_old + u is
-        # the new buffer μ·b_old + u with heavy ball, μ·b + (1 - μ)·u with nesterov (b new),
-        # so the old buffer need not stay live (it made the kernel spill).
+        # the new buffer over 1 - τ, (μ·b_old + (1 - τ)·u)/(1 - τ) with heavy ball (u itself at a
+        # first step, where b_old = 0 and b = u), μ·b + (1 - μ)·u with nesterov (b new), so the
+        # old buffer need not stay live (it made the kernel spill).
         a = (snap_c / tl.where(rebase, moved_with, alpha)) * (s - w)
         if SUM_DIRECTION:
             a += d
         elif HAS_MOMENTUM and NESTEROV:
             a += d - mu_u
+        elif DAMPENED:  # at a tensor's first step u itself (b = u there), which the snapshot retakes
+            a += b * tl.where(first != 0, 1.0, _hyper(hyp_ptr, H_UNDAMP, STATE_DTYPE))
         elif HAS_MOMENTUM:
             a += b
         else:
             a += u
-        if rebase:  # S = z after this step's move (no schedule: α·d), plus α·A/c (a closing retakes it in launch 4)
+        if retake:  # S = z after this step's move (no schedule: α·d), plus α·A/c (a closing retakes it in launch 4)
             s = _to_param(w - alpha * d, PARAM_DTYPE).to(STATE_DTYPE) + (alpha / snap_c) * a
             if HAS_MOMENTUM and not SUM_DIRECTION:
                 s -= (alpha * _hyper(hyp_ptr, H_KAPPA, STATE_DTYPE)) * b

@@ -127,13 +127,25 @@ def test_grads_missing_on_some_steps():
                  statistic=stat, backend="triton")
 
 
+@pytest.mark.parametrize("window", [3, "auto"])
+def test_dampening_takes_a_snapshot_retaken_after_each_tensors_first_step(window):
+    """Dampening τ: A is recovered from a snapshot (c = (1 - μ)/(1 - τ)), which each tensor's first
+    step (b = u, not (1 - τ)·u) retakes — here tensors starting late, mid-window, and steps without
+    some gradients. Against the reference at every step."""
+    opt, _, params, _ = lockstep([{}], steps=16, dtype=torch.float32, **FP32, lr=0.05, backend="triton", momentum=0.9,
+                                 dampening=0.3, weight_decay=1e-2, window=window,
+                                 skip_at=lambda t: {0, 4} if t < 4 else ({6} if t in (9, 10) else ()))
+    assert all("window_start" in opt.state[p] for p in params if p.numel() > 0)
+
+
 def test_window_snapshot_follows_hyperparameter_changes_mid_window():
-    """Momentum, nesterov and the statistic changed between steps, mid-window: the snapshot is
+    """Momentum, nesterov, the statistic and dampening changed between steps, mid-window: the snapshot is
     turned back into A with the form it was taken with (``window_start_form``) and retaken in
     the new one (or A kept summed); a tensor without a gradient across a closing keeps its A.
     The reference sums A throughout."""
     changes = {4: dict(momentum=0.5), 9: dict(nesterov=True), 13: dict(statistic="direction"),
-               16: dict(momentum=0.0, nesterov=False), 20: dict(statistic="gradient", momentum=0.9)}
+               16: dict(momentum=0.0, nesterov=False), 20: dict(statistic="gradient", momentum=0.9),
+               25: dict(dampening=0.3), 28: dict(dampening=0.0)}
     forms = []
 
     def change(opt, ref):
@@ -142,7 +154,7 @@ def test_window_snapshot_follows_hyperparameter_changes_mid_window():
         for group in (opt.param_groups[0], ref.param_groups[0]):
             group.update(changes.get(t + 1, {}))
 
-    lockstep([{}], steps=24, dtype=torch.float32, **FP32, lr=0.05, momentum=0.9, weight_decay=1e-2, window=3,
+    lockstep([{}], steps=31, dtype=torch.float32, **FP32, lr=0.05, momentum=0.9, weight_decay=1e-2, window=3,
              skip_at=lambda t: {1} if 6 <= t < 10 else set(), after_step=change, backend="triton")
     from tlr_triton.functional import snapshot_form
 
@@ -150,6 +162,8 @@ def test_window_snapshot_follows_hyperparameter_changes_mid_window():
     assert heavy == pytest.approx((9.0, 0.1)) and nesterov == pytest.approx((0.5, 0.5))
     assert forms[3] == forms[23] == heavy and forms[5] == snapshot_form("gradient", 0.5, 0, False), forms
     assert forms[10] == nesterov and forms[14] == forms[17] == (0.0, 1.0), forms
+    assert forms[26] == snapshot_form("gradient", 0.9, 0.3, False) == pytest.approx((9.0, 0.1 / 0.7)), forms
+    assert forms[30] == heavy, forms
 
 
 def run_twice(cfg):
@@ -884,17 +898,21 @@ def _bytes_moved_per_step(cfg, steps, scale_at=lambda t: 1.0, numel=2048):
 
 # Bytes per element and step: fused SGD moves 20 (fp32, momentum: reads w, g, b, writes w, b) or
 # 12 without momentum. A snapshot (default: fp32 weights, no schedule) adds reads of S and P where
-# the window statistics are needed; an accumulated A (dampening) 8 bytes every step.
+# the window statistics are needed. With dampening a tensor's first step retakes the snapshot
+# (reads and writes S: 28); an accumulated A (until 2026-12-05 with dampening) costs 8 bytes every step.
 @pytest.mark.parametrize("cfg,expected", [
     (dict(momentum=0.9, weight_decay=5e-4), dict(ordinary=20, closing=44)),
     (dict(momentum=0.9, nesterov=True), dict(ordinary=20, closing=48)),
     (dict(momentum=0.9, statistic="direction"), dict(ordinary=20, closing=44)),
     (dict(), dict(ordinary=12, closing=36)),
-    (dict(momentum=0.9, dampening=0.1), dict(ordinary=28, closing=44)),  # A accumulated: no snapshot form
+    (dict(momentum=0.9, dampening=0.1), dict(ordinary=20, closing=44, first=28)),
 ])
 def test_an_ordinary_step_moves_what_fused_sgd_moves(cfg, expected):
     kinds = _bytes_moved_per_step(dict(lr=0.01, window=3, **cfg), steps=9)
     assert {k for k, _ in kinds} == {"ordinary", "closing"}, kinds
+    if "first" in expected:  # the first step, and the rest
+        assert kinds[0] == ("ordinary", expected["first"]), kinds
+        kinds = kinds[1:]
     for kind, per_element in kinds:
         assert per_element == expected[kind], (kind, per_element, kinds)
 

@@ -89,14 +89,15 @@ def snapshot_form(statistic: str, momentum: float, dampening: float, nesterov: b
     start: A = c·(S - z)/α. Summing the directions taken ("direction", or momentum 0,
     where u = d), A is the displacement over α: κ = 0, c = 1. Summing u = g + λw with
     momentum μ: b_t - μ·b_{t-1} = u_t and Σ b_t = Σ displacement/α give κ = μ/(1 - μ),
-    c = 1 - μ; with nesterov (d = u + μ·b) κ = μ²/(1 - μ). With dampening τ the first
-    step (b = u, not (1 - τ)·u) breaks the identity: None (A is summed).
+    c = 1 - μ; with nesterov (d = u + μ·b) κ = μ²/(1 - μ). With dampening τ (b_t - μ·b_{t-1}
+    = (1 - τ)·u_t) c = (1 - μ)/(1 - τ); a tensor's first step (b = u, not (1 - τ)·u) breaks
+    the identity for its window, so the step kernel retakes the snapshot right after it.
     """
     if statistic == "direction" or momentum == 0:
         return (0.0, 1.0)
-    if dampening != 0 or not 0 < momentum < 1:
-        return None
-    return ((momentum * momentum if nesterov else momentum) / (1.0 - momentum), 1.0 - momentum)
+    if not 0 < momentum < 1 or not 0 <= dampening < 1 or (nesterov and dampening != 0):
+        return None  # (nesterov with dampening is refused before any step: its c would be (1 - μ)/(1 - μ·τ))
+    return ((momentum * momentum if nesterov else momentum) / (1.0 - momentum), (1.0 - momentum) / (1.0 - dampening))
 
 
 def window_representation(backend: str, dtype: torch.dtype, form: tuple[float, float] | None,
