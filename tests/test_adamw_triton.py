@@ -261,3 +261,49 @@ def test_an_impossible_backend_in_a_later_group_changes_nothing(monkeypatch):
     with pytest.raises(RuntimeError, match="group 1"):
         opt.step()
     assert torch.equal(a, torch.ones(3)) and not opt.state and opt.param_groups[0]["step"] == 0
+
+
+def test_state_follows_weights_given_another_dtype():
+    """``p.data = p.data.double()`` after some steps: the state follows the weights' dtype (fp64
+    state for fp64 weights; the kernels would otherwise read fp32 state as fp64, past its end), and
+    the Triton path still follows the float64 reference."""
+    ours, ref = _params(4, dtype=torch.float32), _params(4)
+    opt = TLRAdamW(ours, lr=2.0 ** -8, backend="triton", window=2)
+    reference = ReferenceTLRAdamW(ref, lr=2.0 ** -8, window=2)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(8):
+        if i == 3:
+            for p in ours:
+                p.data = p.data.double()
+        _grads([ours, ref], gen, i)
+        opt.step()
+        reference.step()
+    for p, q in zip(ours, ref):
+        assert p.dtype == torch.float64 and all(t.dtype == torch.float64 for k, t in opt.state[p].items()
+                                                if isinstance(t, torch.Tensor) and k != "alpha")
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-5, atol=2e-5)
+    assert _alpha(opt, ours[0]) == pytest.approx(_alpha(reference, ref[0]), rel=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weights_given_another_size_are_refused_before_anything_changes(backend):
+    """A parameter whose data was replaced by a tensor of another size: a ValueError naming it,
+    raised before any group steps (no state, weight, α or step counter changed)."""
+    first, second = _params(4, dtype=torch.float32), _params(5, dtype=torch.float32)
+    opt = TLRAdamW([{"params": first}, {"params": second}], lr=2.0 ** -8, backend=backend, window=2)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(3):
+        _grads([first + second], gen, i)
+        opt.step()
+    second[1].data = torch.zeros(9)
+    second[1].grad = torch.ones(9)
+    before = io.BytesIO()
+    torch.save(opt.state_dict(), before)
+    weights = [p.detach().clone() for p in first + second]
+    with pytest.raises(ValueError, match=r"parameter 1 of group 1 does not fit it: exp_avg holds 7 elements, the "
+                                         r"parameter 9"):
+        opt.step()
+    after = io.BytesIO()
+    torch.save(opt.state_dict(), after)
+    assert before.getvalue() == after.getvalue()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(first + second, weights))

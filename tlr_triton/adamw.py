@@ -30,6 +30,7 @@ from .optimizer import (DEFAULT_WINDOW_RESET, _collective_device, _dtensor_group
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
+_EXP_AVG = operator.itemgetter("exp_avg")
 _GRAD, _DEVICE, _DTYPE, _IS_SPARSE = (operator.attrgetter(a) for a in ("grad", "device", "dtype", "is_sparse"))
 _IS_FLOAT = operator.attrgetter("is_floating_point")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope", "max_window",
@@ -282,10 +283,31 @@ class TLRAdamW(_ShardGroup, Optimizer):
             p = next(p for p in params if not p.dtype.is_floating_point or p.grad.dtype != p.dtype)
             raise TypeError(f"group {index}: parameters and their gradients must share one floating-point dtype, "
                             f"got {p.dtype} and {p.grad.dtype}")
-        return params, schedule_factor(group["lr"], group["initial_lr"], index)
+        return params, schedule_factor(group["lr"], group["initial_lr"], index), self._check_state(index, group, params)
 
-    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, collective=None,
-                    triton: bool = False) -> None:
+    def _check_state(self, index: int, group: dict[str, Any], params: list[Tensor]) -> list[dict | None]:
+        """The parameters' states (None: none yet), each checked to have its parameter's size
+        before any group steps: a parameter given data of another size (``p.data = ...``) would
+        have the Triton kernels run past the end of its state, and the PyTorch path fail half-way
+        through the step. (Another dtype or device: the state follows, ``_step_group``.)"""
+        states = list(map(self.state.get, params))  # (no entry made for a parameter without state)
+        try:  # C-level maps: this runs every step (a DTensor's state is its shard's size: checked below)
+            if list(map(Tensor.numel, map(_EXP_AVG, states))) == list(map(Tensor.numel, params)):
+                return states
+        except (TypeError, KeyError):  # a parameter without state, or with state but no moments yet
+            pass
+        for p, st in zip(params, states):
+            for k in _STATE:
+                t = (st or {}).get(k)
+                if isinstance(t, Tensor) and t.numel() != _local(p).numel():
+                    i = next(i for i, q in enumerate(group["params"]) if q is p)
+                    raise ValueError(f"the state of parameter {i} of group {index} does not fit it: {k} holds "
+                                     f"{t.numel()} elements, the parameter {_local(p).numel()} (its data was replaced "
+                                     "by a tensor of another size?)")
+        return states
+
+    def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, states: list[dict | None],
+                    collective=None, triton: bool = False) -> None:
         (beta1, beta2), eps, lam = group["betas"], group["eps"], group["weight_decay"]
         # a DTensor's shard (a view): state and updates are per shard (the Triton path takes no DTensors: _path)
         params = owners if triton else [_local(p) for p in owners]
@@ -295,7 +317,8 @@ class TLRAdamW(_ShardGroup, Optimizer):
             group["window_state"] = group["window_state"].to(params[0].device)
         # the Triton kernels address state as contiguous memory
         layout = torch.contiguous_format if triton else torch.preserve_format
-        states = [self.state[p] for p in owners]
+        if None in states:  # (parameters stepped for the first time get their state now)
+            states = [self.state[p] if st is None else st for p, st in zip(owners, states)]
         for p, st in zip(params, states):
             if "exp_avg" not in st:
                 dtype = functional.state_dtype(p.dtype)
@@ -304,11 +327,14 @@ class TLRAdamW(_ShardGroup, Optimizer):
                     st[k] = torch.zeros_like(p, dtype=dtype, memory_format=layout)
                 if group["scope"] == "tensor":
                     st["alpha"] = group["alpha"].clone()
-            else:
-                if st["exp_avg"].device != p.device:  # the model moved after its state was made: the state follows
-                    for k in _STATE + ("alpha",):
-                        if k in st:
-                            st[k] = st[k].to(p.device)
+            elif st["exp_avg"].device != p.device or (st["exp_avg"].dtype is not p.dtype  # (fp32: no call per step)
+                                                      and st["exp_avg"].dtype != functional.state_dtype(p.dtype)):
+                # the model moved after its state was made (``model.to(...)``, ``p.data = p.data.double()``): the
+                # state follows (the kernels would read it at the wrong place or width); α stays float32
+                dtype = functional.state_dtype(p.dtype)
+                for k in _STATE + ("alpha",):
+                    if k in st:
+                        st[k] = st[k].to(device=p.device, dtype=torch.float32 if k == "alpha" else dtype)
             st["step"] += 1
         if triton:
             from .kernels.adamw_launch import adamw_triton_step
