@@ -1,6 +1,6 @@
 """A first look at TLR for AdamW (docs/adamw.md): the float64 reference against AdamW, one seed.
 
-    python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm] [--window W] [--bound C]
+    python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm cancer wine] [--window W|auto] [--bound C]
                                      [--lrs 1e-4 1e-3 1e-2] [--seeds 0 1 2] [--only-tlr] [--cosine] [--fast]
                                      [--peers] [--only-peers]
 
@@ -12,8 +12,9 @@ Trains the bench/experiments.py tasks (digits MLP, batch 64; the character trans
 batch 32) with ``torch.optim.AdamW`` at lr ∈ {1e-4, 1e-3, 1e-2} and ``ReferenceTLRAdamW``
 from α0 ∈ {1e-4, 1e-3, 1e-2} (fixed windows of a third of an epoch, the paper's p = 0.33;
 weight decay 1e-2, AdamW's default, for both) and prints the final training loss, the test
-metric and TLR's final α. Not the issue's evidence table (3 seeds, schedules, peers): the
-reference is slow and has no adaptive window yet.
+metric and TLR's final α. Not the issue's evidence table (bench/experiments.py --only adamw):
+quick probes of one setting (``--fast``: TLRAdamW's PyTorch path; ``--window auto``: the
+adaptive window; cancer and wine at batch 16, tasks outside the evidence table).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-from bench.experiments import CharLM, Digits  # noqa: E402
+from bench.experiments import TASKS  # noqa: E402
 from tlr_triton import TLRAdamW  # noqa: E402
 from tlr_triton.reference import ReferenceTLRAdamW  # noqa: E402
 
-BATCH = {"digits": 64, "charlm": 32}
+BATCH = {"digits": 64, "charlm": 32, "cancer": 16, "wine": 16}
 
 
 def train(task, build, epochs: int, batch: int, seed: int = 0, cosine: bool = False):
@@ -80,8 +81,8 @@ def _cell(values, fmt):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--tasks", nargs="+", default=["digits", "charlm"])
-    ap.add_argument("--window", type=int, help="TLR's window in steps (default: a third of an epoch)")
+    ap.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=list(BATCH))
+    ap.add_argument("--window", help="TLR's window in steps, or auto (default: a third of an epoch)")
     ap.add_argument("--bound", type=float, default=0.25, help="TLR's bound c")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -97,9 +98,10 @@ def main() -> None:
     print("| task | optimizer | lr / α0 | train loss | test metric | final α |")
     print("|---|---|---:|---:|---:|---:|")
     for name in args.tasks:
-        task = Digits() if name == "digits" else CharLM()
+        task = TASKS[name]()
         batch = BATCH[name]
         window = args.window or max(1, round(0.33 * task.steps_per_epoch(batch)))
+        window = window if window == "auto" else int(window)
         for lr in args.lrs:
             runs = [] if args.only_tlr else [("AdamW", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2),
                                               False)]
@@ -116,7 +118,7 @@ def main() -> None:
                 t = time.perf_counter()
                 results = [train(task, build, args.epochs, batch, seed, cosine) for seed in args.seeds]
                 losses, metrics, alphas = zip(*results)
-                metric = _cell(metrics, "{:.3f}") if name == "digits" else _cell(metrics, "{:.2f}") + " ppl"
+                metric = _cell(metrics, "{:.2f}") + " ppl" if name == "charlm" else _cell(metrics, "{:.3f}")
                 alpha = _cell(alphas, "{:.2e}") if alphas[0] is not None else ""
                 print(f"| {name} | {label} | {lr:g} | {_cell(losses, '{:.4f}')} | {metric} | {alpha} |  "
                       f"<!-- {time.perf_counter() - t:.0f} s -->", flush=True)
