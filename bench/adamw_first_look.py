@@ -1,6 +1,6 @@
 """A first look at TLR for AdamW (docs/adamw.md): the float64 reference against AdamW, one seed.
 
-    python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm cancer wine] [--window W|auto] [--bound C]
+    python bench/adamw_first_look.py [--epochs N] [--tasks digits charlm cancer wine] [--window W|auto] [--bound C] [--no-guard]
                                      [--lrs 1e-4 1e-3 1e-2] [--seeds 0 1 2] [--only-tlr] [--cosine] [--fast]
                                      [--peers] [--only-peers]
 
@@ -30,6 +30,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.experiments import TASKS  # noqa: E402
 from tlr_triton import TLRAdamW  # noqa: E402
+from tlr_triton.adamw import DEFAULT_ADAMW_BOUND  # noqa: E402
 from tlr_triton.reference import ReferenceTLRAdamW  # noqa: E402
 
 BATCH = {"digits": 64, "charlm": 32, "cancer": 16, "wine": 16}
@@ -83,7 +84,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--tasks", nargs="+", default=["digits", "charlm"], choices=list(BATCH))
     ap.add_argument("--window", help="TLR's window in steps, or auto (default: a third of an epoch)")
-    ap.add_argument("--bound", type=float, default=0.25, help="TLR's bound c")
+    ap.add_argument("--bound", type=float, help="TLR's bound c (default: the class's)")
+    ap.add_argument("--no-guard", action="store_true", help="the adaptive window without its blow-up guard")
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only-tlr", action="store_true", help="skip AdamW")
@@ -107,9 +109,12 @@ def main() -> None:
                                               False)]
             if args.cosine and not args.only_tlr:
                 runs.append(("AdamW, cosine", lambda ps, lr=lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2), True))
-            runs.append((f"{'TLRAdamW' if args.fast else 'TLR-AdamW'} (window {window}, c {args.bound:g})",
-                         lambda ps, lr=lr: tlr_class(ps, lr=lr, weight_decay=1e-2, window=window, bound=args.bound),
-                         False))
+            options = dict(window=window, **({} if args.bound is None else dict(bound=args.bound)),
+                           **(dict(blowup_ratio=None) if args.no_guard else {}))
+            bound = args.bound if args.bound is not None else DEFAULT_ADAMW_BOUND
+            runs.append((f"{'TLRAdamW' if args.fast else 'TLR-AdamW'} (window {window}, c {bound:g}"
+                         f"{', no guard' if args.no_guard else ''})",
+                         lambda ps, lr=lr: tlr_class(ps, lr=lr, weight_decay=1e-2, **options), False))
             if args.only_peers:
                 runs = []
             if args.peers or args.only_peers:

@@ -170,9 +170,9 @@ def build(name: str, params, lr: float, epochs: int, steps_per_epoch: int, **kw)
     """Return (optimizer, scheduler or None). SGD-based methods share momentum 0.8 and wd 5e-4."""
     sgd = dict(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     params = list(params)
-    if name == "tlr-adamw":  # fixed windows of 3 steps, c = 1/4
+    if name == "tlr-adamw":  # fixed windows of 3 steps (no blow-up guard: it watches adaptive windows), c = 0.5
         return TLRAdamW(params, lr=lr, weight_decay=ADAMW_WD, window=3), None
-    if name == "tlr-adamw-auto":  # TLR's adaptive window (units of 3 steps, up to 48), c = 1/4
+    if name == "tlr-adamw-auto":  # the defaults: the adaptive window (units of 3 steps, up to 48), its guard, c = 0.5
         return TLRAdamW(params, lr=lr, weight_decay=ADAMW_WD, window="auto"), None
     if name.startswith("tlr"):  # tlr, tlr-tensor, tlr-direction, tlr-tensor-direction, tlr-noguard
         scope = "tensor" if "tensor" in name else "group"

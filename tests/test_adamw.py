@@ -42,7 +42,7 @@ def test_without_preconditioner_and_momentum_it_is_spec(scope, maximize, weight_
     a = [p.clone().requires_grad_() for p in init]
     b = [p.clone().requires_grad_() for p in init]
     ours = _NoPreconditioner(a, lr=0.05, betas=(0.0, 0.999), weight_decay=weight_decay, window=2, scope=scope,
-                             maximize=maximize)
+                             maximize=maximize, bound=0.25)  # SPEC's c (TLRAdamW's default is 0.5)
     spec = ReferenceTLR(b, lr=0.05, momentum=0.0, weight_decay=weight_decay, window=2, scope=scope, maximize=maximize)
     alphas = []
     for step in grads:
@@ -103,7 +103,8 @@ def test_a_closing_applies_specs_newton_step_to_the_statistic():
     p2 = 1 / ((v2 / (1 - b2 ** 2)).sqrt() + eps)
     r2 = p2.sqrt() * g2 + lam * w1 / p2.sqrt()
     dot, sq = float(r2 @ r1), float(r2 @ r2)
-    r = dot / max(4 * (sq - dot), dot / 0.25) if max(4 * (sq - dot), dot / 0.25) > 0 else 0.0
+    c = opt.param_groups[0]["bound"]
+    r = dot / max(4 * (sq - dot), dot / c) if max(4 * (sq - dot), dot / c) > 0 else 0.0
     w.grad = g2.clone()
     opt.step()
     alpha = opt.param_groups[0]["alpha"]
@@ -212,6 +213,39 @@ def test_the_adaptive_window_follows_the_reference(dtype, rtol, config):
     assert max(lengths) >= 3 and any(a > 1 and b == 1 for a, b in zip(lengths, lengths[1:])), lengths
 
 
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+def test_the_blowup_guard_closes_the_window_at_a_jump_and_cuts_alpha(scope):
+    """A gradient spike (×100 for two steps) in a window of 5 units: ‖R‖² per unit jumps past
+    blowup_ratio times the last windows', so the window closes at once (before its k units) with
+    α's factor at most 1/(1 + √jump), as the reference does, step by step; without the guard
+    (blowup_ratio=None) the window runs its course and α stays higher."""
+    ours, ref = _pair(torch.float64)
+    quiet_params = [p.detach().clone().requires_grad_() for p in ours]
+    opt, reference = TLRAdamW(ours, lr=2.0 ** -8, scope=scope), ReferenceTLRAdamW(ref, lr=2.0 ** -8, scope=scope)
+    quiet = TLRAdamW(quiet_params, lr=2.0 ** -8, scope=scope, blowup_ratio=None)
+    g = torch.Generator().manual_seed(5)
+    states, quiet_states = [], []
+    for i in range(66):
+        for p, q, r in zip(ours, ref, quiet_params):
+            q.grad = torch.randn(q.shape, generator=g, dtype=torch.float64) * (100.0 if i in (33, 34) else 1.0)
+            p.grad, r.grad = q.grad.clone(), q.grad.clone()
+        for o in (opt, reference, quiet):
+            o.step()
+        state = opt.param_groups[0]["window_state"].tolist()
+        assert state == [reference.param_groups[0]["units_done"], reference.param_groups[0]["units"]], i
+        holder = (lambda o, p: o.state[p]) if scope == "tensor" else (lambda o, p: o.param_groups[0])
+        for p, q in zip(ours, ref):
+            assert float(holder(opt, p)["alpha"]) == pytest.approx(holder(reference, q)["alpha"], rel=1e-7), i
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-10)
+        states.append(state)
+        quiet_states.append(quiet.param_groups[0]["window_state"].tolist())
+    early = [i for i in range(1, 66) if states[i] == [0, 1] and states[i - 1][0] + 1 < states[i - 1][1]]
+    assert early and 33 <= early[0] <= 36, (early, states[30:40])
+    assert states[:early[0]] == quiet_states[:early[0]] and quiet_states[early[0]] != [0, 1]
+    assert float(holder(opt, ours[0])["alpha"]) < 0.5 * float(holder(quiet, quiet_params[0])["alpha"])
+    assert opt.param_groups[0]["window_energy"].tolist() == pytest.approx(reference.param_groups[0]["energy"], rel=1e-9)
+
+
 def test_window_settings_changed_mid_run_follow_the_reference():
     """window "auto" → 3 → "auto", and max_window lowered for a few steps then restored: the
     window state and α as the reference's at every step (a review found the window state kept
@@ -293,13 +327,36 @@ def test_a_checkpoint_resumes_bit_identically(dtype, scope, window):
             assert torch.equal(opt.state[p]["alpha"], resumed.state[q]["alpha"])
 
 
+def test_a_checkpoint_from_before_the_guard_resumes_without_it():
+    """A state_dict saved before ``blowup_ratio`` and ``window_energy`` existed (its groups lack both):
+    it loads, resumes without the guard (as it ran) and with empty references."""
+    w = torch.randn(6, requires_grad=True)
+    opt = TLRAdamW([w], lr=1e-2)
+    for _ in range(4):
+        w.grad = torch.randn(6)
+        opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["blowup_ratio"], group["window_energy"]
+    resumed = TLRAdamW([w], lr=1e-2)
+    resumed.load_state_dict(saved)
+    group = resumed.param_groups[0]
+    assert group["blowup_ratio"] is None and group["window_energy"].tolist() == [0.0, 0.0]
+    assert group["window_energy"].dtype == torch.float64
+    for _ in range(6):
+        w.grad = torch.randn(6)
+        resumed.step()
+    assert torch.isfinite(w).all()
+
+
 def test_bad_input_is_refused_by_name_and_changes_nothing():
     w = torch.zeros(3, requires_grad=True)
     for kwargs, name in ((dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),
                          (dict(betas=(0.9, 1.0)), "beta parameter at index 1"), (dict(eps=float("nan")), "epsilon"),
                          (dict(window=0), "window"), (dict(window="adaptive"), "window"), (dict(scope="layer"), "scope"),
                          (dict(window=3, max_window=2), "max_window"), (dict(window_reset=-1.0), "window_reset"),
-                         (dict(bound=-1.0), "bound"), (dict(weight_decay=-0.1), "weight_decay")):
+                         (dict(bound=-1.0), "bound"), (dict(weight_decay=-0.1), "weight_decay"),
+                         (dict(blowup_ratio=1.0), "blowup_ratio"), (dict(blowup_ratio=float("nan")), "blowup_ratio")):
         with pytest.raises((ValueError, TypeError), match=name):
             TLRAdamW([w], **kwargs)
     a, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True, dtype=torch.float64)

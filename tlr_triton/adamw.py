@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .optimizer import (DEFAULT_WINDOW_RESET, _collective_device, _dtensor_group, _local, _resolve_backend,
+from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_WINDOW_RESET, _collective_device, _dtensor_group, _local, _resolve_backend,
                         _ShardGroup, check_hyperparameters, initial_alpha, schedule_factor, window_schedule)
 
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
@@ -34,12 +34,15 @@ _EXP_AVG = operator.itemgetter("exp_avg")
 _GRAD, _DEVICE, _DTYPE, _IS_SPARSE = (operator.attrgetter(a) for a in ("grad", "device", "dtype", "is_sparse"))
 _IS_FLOAT = operator.attrgetter("is_floating_point")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope", "max_window",
-          "window_reset")
-_WINDOW_DEFAULTS = {"max_window": None, "window_reset": DEFAULT_WINDOW_RESET}  # for checkpoints from before them
+          "window_reset", "blowup_ratio")
+# for checkpoints from before these options (they ran without the blow-up guard: resumed so)
+_WINDOW_DEFAULTS = {"max_window": None, "window_reset": DEFAULT_WINDOW_RESET, "blowup_ratio": None}
+# TLRAdamW's default bound c: twice SPEC's 1/4 (with the blow-up guard; docs/adamw.md, "The bound c")
+DEFAULT_ADAMW_BOUND = 0.5
 
 
 def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope, max_window=None,
-                          window_reset=DEFAULT_WINDOW_RESET) -> None:
+                          window_reset=DEFAULT_WINDOW_RESET, blowup_ratio=DEFAULT_BLOWUP_RATIO) -> None:
     """Raise ValueError/TypeError naming the first invalid argument."""
     initial_alpha(lr)
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -52,7 +55,7 @@ def check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound
     if not isinstance(amsgrad, bool):
         raise TypeError(f"Invalid amsgrad: {amsgrad!r} (expected a bool)")
     check_hyperparameters(momentum=0.0, dampening=0.0, weight_decay=weight_decay, nesterov=False, bound=bound,
-                          window=window, max_window=max_window, window_reset=window_reset, blowup_ratio=None,
+                          window=window, max_window=max_window, window_reset=window_reset, blowup_ratio=blowup_ratio,
                           scope=scope, statistic="gradient", maximize=maximize)
 
 
@@ -83,13 +86,18 @@ class TLRAdamW(_ShardGroup, Optimizer):
         params: parameters or parameter groups.
         lr: the initial α (> 0).
         betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``.
-        bound: the Newton step's cap c (α grows by at most 1 + c per window).
+        bound: the Newton step's cap c (α grows by at most 1 + c per window); 0.5 by default,
+            twice SPEC's (docs/adamw.md, "The bound c").
         window: "auto" (the default, as TLR's): TLR's adaptive window — windows of k units of 3
             steps, k + 1 after a closing whose Newton step was small (|r| < ``window_reset``),
             back to 1 after a large one, up to ``max_window`` steps (48), decided on the device
-            (no host read); PyTorch path only, without TLR's blow-up guard (docs/adamw.md,
-            "Adaptive window"). Or an int: fixed windows of that many steps (the Triton path).
+            (no host read); PyTorch path only (docs/adamw.md, "Adaptive window"). Or an int:
+            fixed windows of that many steps (the Triton path).
         max_window, window_reset: the adaptive window's longest window (steps) and threshold.
+        blowup_ratio: the adaptive window's blow-up guard, TLR's jump test (None: off): at a
+            unit's end where ‖R‖² per unit of the window so far exceeds this many times the
+            larger of the last two closed windows', the window closes now with α's factor at
+            most 1/(1 + √jump), and the next window is one unit long.
         scope: "group" (one α per group) or "tensor" (one per parameter tensor).
         backend: "torch" (the default: PyTorch's foreach ops), "triton" (fixed windows only;
             kernels/adamw_step.py: one pass over w, g, m, v and the window sum per ordinary step;
@@ -108,15 +116,16 @@ class TLRAdamW(_ShardGroup, Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, bound: float = 0.25, window: int | str = "auto",
-                 scope: str = "group", backend: str = "torch", shard_group=None, max_window: int | None = None,
-                 window_reset: float = DEFAULT_WINDOW_RESET) -> None:
+                 amsgrad: bool = False, *, maximize: bool = False, bound: float = DEFAULT_ADAMW_BOUND,
+                 window: int | str = "auto", scope: str = "group", backend: str = "torch", shard_group=None,
+                 max_window: int | None = None, window_reset: float = DEFAULT_WINDOW_RESET,
+                 blowup_ratio: float | None = DEFAULT_BLOWUP_RATIO) -> None:
         check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope, max_window,
-                              window_reset)
+                              window_reset, blowup_ratio)
         _check_backend(backend)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, bound=bound, window=window, scope=scope, backend=backend,
-                        max_window=max_window, window_reset=window_reset)
+                        max_window=max_window, window_reset=window_reset, blowup_ratio=blowup_ratio)
         super().__init__(params, defaults)
         self._set_shard_group(shard_group)  # not a group option (_ShardGroup, shared with TLR)
 
@@ -134,6 +143,8 @@ class TLRAdamW(_ShardGroup, Optimizer):
         device = group["params"][0].device if group["params"] else torch.device("cpu")
         group["alpha"] = torch.tensor(initial_alpha(group["lr"]), dtype=torch.float32, device=device)
         group["window_state"] = torch.tensor([0, 1], dtype=torch.int64, device=device)  # [units so far, k]
+        # the blow-up guard's references: ‖R‖² per unit of the last two closed windows (0: none yet)
+        group["window_energy"] = torch.zeros(2, dtype=torch.float64, device=device)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader casts floating-point state to the parameter's dtype (which would round the
@@ -166,6 +177,8 @@ class TLRAdamW(_ShardGroup, Optimizer):
             group["alpha"] = torch.as_tensor(group["alpha"]).to(device=device, dtype=torch.float32, copy=True)
             group["window_state"] = torch.as_tensor(group.get("window_state", [0, 1])).to(
                 device=device, dtype=torch.int64, copy=True)
+            group["window_energy"] = torch.as_tensor(group.get("window_energy", [0.0, 0.0])).to(
+                device=device, dtype=torch.float64, copy=True)
             group.setdefault("backend", self.defaults.get("backend", "torch"))  # a checkpoint from before the option
 
     @torch.no_grad()
@@ -246,25 +259,39 @@ class TLRAdamW(_ShardGroup, Optimizer):
             dist.all_reduce(totals, group=mesh)
         if alphas:
             totals = totals.to(alphas[0].device)
-        ws = group["window_state"]
+        ws, we = group["window_state"], group["window_energy"]
         if units == 1:
             if alphas:
                 functional._update_alphas(alphas, totals[:n], totals[n:], bound)
             ws[0].zero_()  # a fixed window closes: an adaptive one chosen later starts afresh (as the reference)
             ws[1].fill_(1)
+            we.zero_()
             return None
         done, k = ws[0] + 1, ws[1].clamp(max=units)
-        closes = done >= k
-        if alphas:
-            functional._update_alphas(alphas, totals[:n], totals[n:], bound, closes.to(totals.device))
         both = torch.stack([totals[:n].sum(), totals[n:].sum()])  # the group's, for the next window's length
         if group["scope"] == "tensor" and collective is not None and per_tensor_mesh is None:
             dist.all_reduce(both, group=collective)
+        both = both.to(ws.device)
+        closes = done >= k
+        # The blow-up guard (TLR's jump test): ‖R‖² per unit of the window so far above blowup_ratio times
+        # the larger of the last two closed windows' closes the window now, α's factor at most
+        # 1/(1 + √jump), and the next window is one unit long.
+        energy = both[1] / done
+        jump = torch.zeros_like(closes)
+        cut = None
+        if group.get("blowup_ratio") is not None:
+            reference = we.max()
+            jump = (reference > 0) & (energy > group["blowup_ratio"] * reference)
+            cut = torch.where(jump, 1.0 / (1.0 + (energy / reference.clamp_min(1e-300)).sqrt()), math.inf)
+            closes = closes | jump
+        if alphas:
+            functional._update_alphas(alphas, totals[:n], totals[n:], bound, closes.to(totals.device),
+                                      None if cut is None else cut.to(totals.device))
         large = (functional.newton_factor(both[0], both[1], bound) - 1.0).abs() >= group["window_reset"]
-        large = large.to(ws.device)
-        next_k = torch.where(large, torch.ones_like(k), (k + 1).clamp(max=units))
+        next_k = torch.where(large | jump, torch.ones_like(k), (k + 1).clamp(max=units))
         # (k as it was, not clamped: a max_window lowered for a while does not shorten the window for good)
         ws.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, ws[1]])))
+        we.copy_(torch.where(closes, torch.stack([energy, we[0]]), we))
         return closes
 
     def _check_group(self, index: int, group: dict[str, Any]):
@@ -315,6 +342,7 @@ class TLRAdamW(_ShardGroup, Optimizer):
             group["alpha"] = group["alpha"].to(params[0].device)
         if group["window_state"].device != params[0].device:  # (a review found it left behind)
             group["window_state"] = group["window_state"].to(params[0].device)
+            group["window_energy"] = group["window_energy"].to(params[0].device)
         # the Triton kernels address state as contiguous memory
         layout = torch.contiguous_format if triton else torch.preserve_format
         if None in states:  # (parameters stepped for the first time get their state now)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from .adamw import check_adamw_arguments
+from .adamw import DEFAULT_ADAMW_BOUND, check_adamw_arguments
 from .optimizer import (DECAY_SHARE, DEFAULT_BLOWUP_RATIO, DEFAULT_LR, DEFAULT_WINDOW, DEFAULT_WINDOW_RESET, GROWTH,
                         MOVE_FLOOR, check_hyperparameters, window_schedule)
 
@@ -201,8 +201,12 @@ class ReferenceTLR(Optimizer):
 
 class ReferenceTLRAdamW(Optimizer):
     """TLR for AdamW (docs/adamw.md), one tensor at a time, in float64; fixed windows, or TLR's
-    adaptive window (``window="auto"``, ``max_window``, ``window_reset``: ReferenceTLR's rule,
-    without its blow-up guard).
+    adaptive window (``window="auto"``, ``max_window``, ``window_reset``: ReferenceTLR's rule)
+    with the jump test of its blow-up guard (``blowup_ratio``; None: off): at a unit's end where
+    ‖R‖² per unit of the window so far exceeds ``blowup_ratio`` times the larger of the last two
+    closed windows', the window closes now (α first, then the move), α's factor is at most
+    1/(1 + √jump) and the next window is one unit long. (Not TLR's growth and decay tests, nor
+    its MOVE_FLOOR: docs/adamw.md.)
 
     The weights move as ``torch.optim.AdamW``'s, by α·d with d = p·m̂ + λ·w, p = 1/(√v̂ + ε)
     (α times lr / initial_lr under a schedule). α is trained by SPEC's Newton step on window
@@ -217,15 +221,15 @@ class ReferenceTLRAdamW(Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, bound=0.25, window="auto", scope="group", statistic="gradient", max_window=None,
-                 window_reset=DEFAULT_WINDOW_RESET):
+                 maximize=False, bound=DEFAULT_ADAMW_BOUND, window="auto", scope="group", statistic="gradient",
+                 max_window=None, window_reset=DEFAULT_WINDOW_RESET, blowup_ratio=DEFAULT_BLOWUP_RATIO):
         check_adamw_arguments(lr, betas, eps, weight_decay, amsgrad, maximize, bound, window, scope, max_window,
-                              window_reset)
+                              window_reset, blowup_ratio)
         if statistic not in ("gradient", "direction"):
             raise ValueError(f"Invalid statistic: {statistic!r} (expected 'gradient' or 'direction')")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, bound=bound, window=window, scope=scope, statistic=statistic,
-                        max_window=max_window, window_reset=window_reset)
+                        max_window=max_window, window_reset=window_reset, blowup_ratio=blowup_ratio)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -235,6 +239,7 @@ class ReferenceTLRAdamW(Optimizer):
         group.setdefault("initial_lr", float(group["lr"]))
         group.setdefault("step", 0)
         group["units_done"], group["units"] = 0, 1  # the adaptive window so far and its length, in units of W0 steps
+        group["energy"] = [0.0, 0.0]  # ‖R‖² per unit of the last two closed adaptive windows (the guard's reference)
 
     def _preconditioner(self, vhat, eps):
         """p = 1/(√v̂ + ε): AdamW's. (The reduction test replaces it by 1 to get SPEC back.)"""
@@ -288,23 +293,33 @@ class ReferenceTLRAdamW(Optimizer):
             directions[p] = d
 
         # The window: k units of W0 steps (k = 1 always for a fixed window); the group's Newton
-        # step at a closing sets the next k, as ReferenceTLR's adaptive window (without its guard)
+        # step at a closing sets the next k, as ReferenceTLR's adaptive window; the jump test of
+        # its blow-up guard closes it early (this class's docstring)
         w0, max_units = window_schedule(group["window"], group["max_window"])
-        closes = False
+        closes = jump = False
+        cut = math.inf
         if live and (group["step"] + 1) % w0 == 0:  # a step with no gradient leaves the window as it is
             group["units_done"] += 1
             closes = group["units_done"] >= min(group["units"], max_units)
-        if closes:  # α first, then the move (Algorithm 2's order)
+            if max_units > 1 and group["blowup_ratio"] is not None:
+                energy = _sum_of(self.state, live, "window_sum", "window_sum") / group["units_done"]
+                reference = max(group["energy"])
+                jump = reference > 0 and energy > group["blowup_ratio"] * reference
+                if jump:
+                    cut = 1.0 / (1.0 + math.sqrt(energy / reference))
+        if closes or jump:  # α first, then the move (Algorithm 2's order)
             dot = _sum_of(self.state, live, "window_sum", "prev_window_sum")
             sq = _sum_of(self.state, live, "window_sum", "window_sum")
             large = abs(newton_factor(dot, sq, group["bound"]) - 1.0) >= group["window_reset"]
-            group["units"] = 1 if large else min(min(group["units"], max_units) + 1, max_units)
+            group["units"] = 1 if (large or jump) else min(min(group["units"], max_units) + 1, max_units)
+            # (a fixed window keeps no references: an adaptive one chosen later starts its guard afresh)
+            group["energy"] = [sq / group["units_done"], group["energy"][0]] if max_units > 1 else [0.0, 0.0]
             group["units_done"] = 0
             scopes = [live] if group["scope"] == "group" else [[p] for p in live]
             for tensors in scopes:
                 holder = group if group["scope"] == "group" else self.state[tensors[0]]
                 holder["alpha"] = next_alpha(holder["alpha"], _sum_of(self.state, tensors, "window_sum", "prev_window_sum"),
-                                             _sum_of(self.state, tensors, "window_sum", "window_sum"), group["bound"])
+                                             _sum_of(self.state, tensors, "window_sum", "window_sum"), group["bound"], cut)
             for p in live:
                 st = self.state[p]
                 st["prev_window_sum"], st["window_sum"] = st["window_sum"], torch.zeros_like(st["window_sum"])
