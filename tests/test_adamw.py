@@ -327,6 +327,23 @@ def test_a_checkpoint_resumes_bit_identically(dtype, scope, window):
             assert torch.equal(opt.state[p]["alpha"], resumed.state[q]["alpha"])
 
 
+@pytest.mark.parametrize("key, value", [("blowup_ratio", 0.5), ("bound", -1.0), ("betas", (0.9, 1.5)), ("window", 0),
+                                        ("scope", "layer"), ("eps", float("nan")), ("max_window", 1)])
+def test_hyperparameters_set_by_hand_are_checked_before_any_group_steps(key, value):
+    """A group edited between steps with a bad value: a ValueError naming the group and the value,
+    and no group stepped (group 0 before it neither)."""
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = TLRAdamW([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    a.grad, b.grad = torch.ones(2), torch.ones(3)
+    opt.step()
+    weights = (a.detach().clone(), b.detach().clone())
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=rf"group 1: Invalid {key}"):
+        opt.step()
+    assert torch.equal(a, weights[0]) and torch.equal(b, weights[1])
+    assert opt.param_groups[0]["step"] == 1 and opt.state[a]["step"] == 1
+
+
 def test_a_checkpoint_from_before_the_guard_resumes_without_it():
     """A state_dict saved before ``blowup_ratio`` and ``window_energy`` existed (its groups lack both):
     it loads, resumes without the guard (as it ran) and with empty references."""

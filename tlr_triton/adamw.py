@@ -294,7 +294,23 @@ class TLRAdamW(_ShardGroup, Optimizer):
         we.copy_(torch.where(closes, torch.stack([energy, we[0]]), we))
         return closes
 
+    def _check_hyperparameters(self, index: int, group: dict[str, Any]) -> None:
+        """A group's hyper-parameters set by hand between steps (``group["bound"] = ...``) are
+        checked when they change (not every step), before any group steps. (lr, the schedule
+        channel, is checked by ``schedule_factor``.)"""
+        signature = tuple(group.get(k) for k in _HYPER[1:])
+        validated = self.__dict__.setdefault("_validated", {})
+        if validated.get(id(group)) == signature:
+            return
+        try:
+            check_adamw_arguments(1.0, *signature)
+            _check_window_backend(group)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"group {index}: {error}") from None
+        validated[id(group)] = signature
+
     def _check_group(self, index: int, group: dict[str, Any]):
+        self._check_hyperparameters(index, group)
         params = [p for p in group["params"] if p.grad is not None and p.numel() > 0]
         if not params:
             return None
