@@ -366,6 +366,44 @@ def test_a_checkpoint_from_before_the_guard_resumes_without_it():
     assert torch.isfinite(w).all()
 
 
+def test_amsgrad_turned_on_mid_run_follows_the_reference():
+    """amsgrad switched on between steps: the running max of v starts at v (before, a KeyError
+    half-way through the step), as in the reference."""
+    ours, ref = _pair(torch.float64)
+    opt, reference = TLRAdamW(ours, lr=2.0 ** -8, window=2), ReferenceTLRAdamW(ref, lr=2.0 ** -8, window=2)
+    g = torch.Generator().manual_seed(3)
+    for i in range(10):
+        if i == 4:
+            for o in (opt, reference):
+                o.param_groups[0]["amsgrad"] = True
+        for p, q in zip(ours, ref):
+            q.grad = torch.randn(q.shape, generator=g, dtype=torch.float64) * (3.0 if i == 6 else 1.0)
+            p.grad = q.grad.clone()
+        opt.step()
+        reference.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-10)
+    assert all("max_exp_avg_sq" in opt.state[p] for p in ours)
+
+
+def test_an_optimizer_pickled_before_the_guard_unpickles_with_defaults():
+    """An object pickled before ``blowup_ratio``/``window_energy`` existed: unpickled, it steps (the
+    guard off, as it ran)."""
+    import pickle
+
+    w = torch.randn(6, requires_grad=True)
+    opt = TLRAdamW([w], lr=1e-2)
+    state = opt.__getstate__()
+    for group in state["param_groups"]:
+        del group["blowup_ratio"], group["window_energy"]
+    old = TLRAdamW.__new__(TLRAdamW)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert old.param_groups[0]["blowup_ratio"] is None
+    for _ in range(7):
+        old.param_groups[0]["params"][0].grad = torch.randn(6)
+        old.step()
+
+
 def test_bad_input_is_refused_by_name_and_changes_nothing():
     w = torch.zeros(3, requires_grad=True)
     for kwargs, name in ((dict(lr=0.0), "learning rate"), (dict(lr=-1.0), "learning rate"),

@@ -300,10 +300,51 @@ def test_weights_given_another_size_are_refused_before_anything_changes(backend)
     before = io.BytesIO()
     torch.save(opt.state_dict(), before)
     weights = [p.detach().clone() for p in first + second]
-    with pytest.raises(ValueError, match=r"parameter 1 of group 1 does not fit it: exp_avg holds 7 elements, the "
-                                         r"parameter 9"):
+    with pytest.raises(ValueError, match=r"parameter 1 of group 1 does not fit it: exp_avg has shape \(7,\), the "
+                                         r"parameter \(9,\)"):
         opt.step()
     after = io.BytesIO()
     torch.save(opt.state_dict(), after)
     assert before.getvalue() == after.getvalue()
     assert all(torch.equal(p.detach(), w) for p, w in zip(first + second, weights))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weights_given_another_shape_of_the_same_size_are_refused(backend):
+    """p.data transposed (same number of elements, another shape): refused before anything changes,
+    not half-way through the step (a review found the check compared sizes only)."""
+    w = torch.randn(2, 3, requires_grad=True)
+    opt = TLRAdamW([w], lr=2.0 ** -8, backend=backend, window=2)
+    w.grad = torch.ones(2, 3)
+    opt.step()
+    w.data = w.data.t().contiguous()
+    w.grad = torch.ones(3, 2)
+    exp_avg = opt.state[w]["exp_avg"].clone()
+    with pytest.raises(ValueError, match=r"exp_avg has shape \(2, 3\), the parameter \(3, 2\)"):
+        opt.step()
+    assert opt.state[w]["step"] == 1 and torch.equal(opt.state[w]["exp_avg"], exp_avg)
+
+
+def test_a_fixed_window_on_the_triton_path_restarts_the_adaptive_window(monkeypatch):
+    """backend="auto" on a GPU: fixed windows on the Triton path, "auto" on the PyTorch path (simulated
+    here through the interpreter). auto → 3 → auto: the window state and the guard's references
+    restart at the fixed closings, as the reference's (a review found them kept from before)."""
+    import tlr_triton.adamw as module
+
+    real = module._resolve_backend
+    monkeypatch.setattr(module, "_resolve_backend",
+                        lambda backend, device, index: "triton" if backend == "auto" else real(backend, device, index))
+    ours, ref = _params(4, dtype=torch.float32), _params(4)
+    opt = TLRAdamW(ours, lr=2.0 ** -6, backend="auto")
+    reference = ReferenceTLRAdamW(ref, lr=2.0 ** -6)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(30):
+        for o in (opt, reference):
+            o.param_groups[0]["window"] = 3 if 11 <= i < 20 else "auto"
+        _grads([ours, ref], gen, i)
+        opt.step()
+        reference.step()
+        group, rgroup = opt.param_groups[0], reference.param_groups[0]
+        assert group["window_state"].tolist() == [rgroup["units_done"], rgroup["units"]], i
+        assert group["window_energy"].tolist() == pytest.approx(rgroup["energy"], rel=1e-5), i
+        assert _alpha(opt, ours[0]) == pytest.approx(_alpha(reference, ref[0]), rel=2e-5), i

@@ -206,3 +206,22 @@ def test_zero_rank_without_gradients_still_joins_the_collective(name, tmp_path):
     assert ranks[0]["group_alphas"] == pytest.approx(ranks[1]["group_alphas"], rel=1e-12)
     for p, q in zip(ranks[0]["weights"], ranks[1]["weights"]):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # ZeRO broadcasts every shard from its owner
+
+
+@pytest.mark.parametrize("name", ["adamw zero, window auto, a rank without a group's tensors",
+                                  "adamw zero, window auto, scope tensor"])
+def test_no_rank_with_gradients_at_a_unit_end_leaves_the_window_as_it_is(name, tmp_path):
+    """Steps where no rank holds a gradient, at ends of units of the adaptive window: every rank
+    still joins the sums (with zeros), and the window stays as it is — as one process that steps
+    without gradients (a review found the window advanced, closing with zero statistics)."""
+    drop = (5, 9, 10)
+    case = dict(CASES[name], drop_grads={0: drop, 1: drop})
+    mp.start_processes(_worker, args=(2, case, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = _model()
+    single = TLRAdamW(_groups(model, case["two_groups"]), **case["kw"])
+    _train(model, single, _batches(), drop_grads=drop)
+    for r in ranks:
+        for p, q in zip(r["weights"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)
+        assert r["group_alphas"] == pytest.approx([float(g["alpha"]) for g in single.param_groups], rel=1e-6)

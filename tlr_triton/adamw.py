@@ -8,8 +8,9 @@ TLR's adaptive window (``window="auto"``, the default; PyTorch path), decided on
 statistic R = Σ √p·σg + λ·w/√p (p = 1/(√v̂ + ε)) is SPEC's u in the coordinates in which
 AdamW is SGD with momentum, and α's update is SPEC's (``functional._update_alphas``, shared
 with ``TLR``). Distributed as ``TLR``: DDP as is, ZeRO with ``shard_group``, FSDP2's DTensors
-shard by shard with their mesh's all-reduce (on the PyTorch path). Not yet: the adaptive
-window's blow-up guard, and the adaptive window on the Triton path (issue 12).
+shard by shard with their mesh's all-reduce (on the PyTorch path). The adaptive window has
+TLR's jump test as its blow-up guard (``blowup_ratio``). Not yet: the adaptive window on the
+Triton path.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
 _STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "window_sum", "prev_window_sum")
 _EXP_AVG = operator.itemgetter("exp_avg")
+_SIZE = operator.attrgetter("shape")
+_HAS_MAX = operator.methodcaller("__contains__", "max_exp_avg_sq")
 _GRAD, _DEVICE, _DTYPE, _IS_SPARSE = (operator.attrgetter(a) for a in ("grad", "device", "dtype", "is_sparse"))
 _IS_FLOAT = operator.attrgetter("is_floating_point")
 _HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "bound", "window", "scope", "max_window",
@@ -94,7 +97,7 @@ class TLRAdamW(_ShardGroup, Optimizer):
             (no host read); PyTorch path only (docs/adamw.md, "Adaptive window"). Or an int:
             fixed windows of that many steps (the Triton path).
         max_window, window_reset: the adaptive window's longest window (steps) and threshold.
-        blowup_ratio: the adaptive window's blow-up guard, TLR's jump test (None: off): at a
+        blowup_ratio: the adaptive window's blow-up guard, TLR's jump test (16; None: off): at a
             unit's end where ‖R‖² per unit of the window so far exceeds this many times the
             larger of the last two closed windows', the window closes now with α's factor at
             most 1/(1 + √jump), and the next window is one unit long.
@@ -157,6 +160,10 @@ class TLRAdamW(_ShardGroup, Optimizer):
                 raise ValueError(f"not a TLRAdamW state_dict: param group {index} has no "
                                  f"{', '.join(map(repr, missing))} (its keys: {sorted(k for k in group if k != 'params')})")
             check_adamw_arguments(*(group[k] for k in _HYPER))
+            energy = group.get("window_energy")
+            if energy is not None and tuple(torch.as_tensor(energy).shape) != (2,):
+                raise ValueError(f"param group {index}: window_energy must hold 2 values, got shape "
+                                 f"{tuple(torch.as_tensor(energy).shape)}")
         kept, state = {}, {}
         for key, entry in state_dict["state"].items():
             entry = dict(entry)
@@ -181,6 +188,18 @@ class TLRAdamW(_ShardGroup, Optimizer):
                 device=device, dtype=torch.float64, copy=True)
             group.setdefault("backend", self.defaults.get("backend", "torch"))  # a checkpoint from before the option
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (``torch.save(opt)``, deepcopy): an object from before an option gets its default."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _WINDOW_DEFAULTS.items():
+                group.setdefault(key, value)
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            if "window_state" not in group:
+                group["window_state"] = torch.tensor([0, 1], dtype=torch.int64, device=device)
+            if "window_energy" not in group:
+                group["window_energy"] = torch.zeros(2, dtype=torch.float64, device=device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -202,7 +221,7 @@ class TLRAdamW(_ShardGroup, Optimizer):
                 tensor_scope = group["scope"] == "tensor"
                 self._window_end(group, [] if tensor_scope else [group["alpha"]], zero[:0] if tensor_scope else zero,
                                  zero[:0] if tensor_scope else zero, collective,
-                                 collective if collective is not self._shard_group else None)
+                                 collective if collective is not self._shard_group else None, live=False)
             group["step"] += 1
         return loss
 
@@ -239,7 +258,7 @@ class TLRAdamW(_ShardGroup, Optimizer):
 
     @staticmethod
     def _window_end(group: dict[str, Any], alphas: list[Tensor], dots: Tensor, sqs: Tensor, collective,
-                    per_tensor_mesh) -> Tensor | None:
+                    per_tensor_mesh, live: bool = True) -> Tensor | None:
         """The end of a fixed window, or of a unit of an adaptive one: α's update from ⟨R, P⟩ and
         ‖R‖² (``dots``, ``sqs``: float64, one per α of ``alphas``), summed over ``collective`` for
         scope "group" and over ``per_tensor_mesh`` (FSDP2's: every tensor sharded) for scope
@@ -247,32 +266,38 @@ class TLRAdamW(_ShardGroup, Optimizer):
         None for a fixed window (it closes now); for an adaptive one, the device bool "the window
         closes now" (its units reach k), by which α's update is masked, and the window state
         advanced: after a closing k = 1 if |r| of the group's totals >= window_reset, else
-        min(k + 1, K) (TLR's rule, no host read)."""
+        min(k + 1, K) (TLR's rule, no host read). ``live``: whether this rank holds any of the group's
+        gradients (a rank without joins the sums with zeros)."""
         import torch.distributed as dist
 
         w0, units = window_schedule(group["window"], group.get("max_window"))
         n, bound = dots.numel(), group["bound"]
-        totals = torch.cat([dots, sqs])
+        # the last entry counts the ranks that hold gradients: where none does (every rank joins the sums
+        # with zeros), the window stays as it is, as in one process that steps without gradients
+        live = torch.full((1,), 1.0 if live else 0.0, dtype=dots.dtype, device=dots.device)
+        totals = torch.cat([dots, sqs, live])
         mesh = collective if group["scope"] == "group" else per_tensor_mesh
         if mesh is not None:
-            totals = totals.clone()
             dist.all_reduce(totals, group=mesh)
         if alphas:
             totals = totals.to(alphas[0].device)
         ws, we = group["window_state"], group["window_energy"]
         if units == 1:
             if alphas:
-                functional._update_alphas(alphas, totals[:n], totals[n:], bound)
-            ws[0].zero_()  # a fixed window closes: an adaptive one chosen later starts afresh (as the reference)
-            ws[1].fill_(1)
-            we.zero_()
+                functional._update_alphas(alphas, totals[:n], totals[n:2 * n], bound)
+            # a fixed window closes: an adaptive one chosen later starts afresh (as the reference)
+            restart = torch.stack([torch.zeros_like(ws[0]), torch.ones_like(ws[1])])
+            ws.copy_(torch.where(totals[2 * n].to(ws.device) > 0, restart, ws))
+            we.masked_fill_(totals[2 * n].to(we.device) > 0, 0.0)
             return None
         done, k = ws[0] + 1, ws[1].clamp(max=units)
-        both = torch.stack([totals[:n].sum(), totals[n:].sum()])  # the group's, for the next window's length
+        # the group's, for the next window's length
+        both = torch.stack([totals[:n].sum(), totals[n:2 * n].sum(), totals[2 * n]])
         if group["scope"] == "tensor" and collective is not None and per_tensor_mesh is None:
             dist.all_reduce(both, group=collective)
         both = both.to(ws.device)
-        closes = done >= k
+        any_live = both[2] > 0
+        closes = (done >= k) & any_live
         # The blow-up guard (TLR's jump test): ‖R‖² per unit of the window so far above blowup_ratio times
         # the larger of the last two closed windows' closes the window now, α's factor at most
         # 1/(1 + √jump), and the next window is one unit long.
@@ -281,16 +306,17 @@ class TLRAdamW(_ShardGroup, Optimizer):
         cut = None
         if group.get("blowup_ratio") is not None:
             reference = we.max()
-            jump = (reference > 0) & (energy > group["blowup_ratio"] * reference)
+            jump = (reference > 0) & (energy > group["blowup_ratio"] * reference) & any_live
             cut = torch.where(jump, 1.0 / (1.0 + (energy / reference.clamp_min(1e-300)).sqrt()), math.inf)
             closes = closes | jump
         if alphas:
-            functional._update_alphas(alphas, totals[:n], totals[n:], bound, closes.to(totals.device),
+            functional._update_alphas(alphas, totals[:n], totals[n:2 * n], bound, closes.to(totals.device),
                                       None if cut is None else cut.to(totals.device))
         large = (functional.newton_factor(both[0], both[1], bound) - 1.0).abs() >= group["window_reset"]
         next_k = torch.where(large | jump, torch.ones_like(k), (k + 1).clamp(max=units))
         # (k as it was, not clamped: a max_window lowered for a while does not shorten the window for good)
-        ws.copy_(torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, ws[1]])))
+        advanced = torch.where(closes, torch.stack([torch.zeros_like(k), next_k]), torch.stack([done, ws[1]]))
+        ws.copy_(torch.where(any_live, advanced, ws))
         we.copy_(torch.where(closes, torch.stack([energy, we[0]]), we))
         return closes
 
@@ -334,19 +360,22 @@ class TLRAdamW(_ShardGroup, Optimizer):
         have the Triton kernels run past the end of its state, and the PyTorch path fail half-way
         through the step. (Another dtype or device: the state follows, ``_step_group``.)"""
         states = list(map(self.state.get, params))  # (no entry made for a parameter without state)
-        try:  # C-level maps: this runs every step (a DTensor's state is its shard's size: checked below)
-            if list(map(Tensor.numel, map(_EXP_AVG, states))) == list(map(Tensor.numel, params)):
+        # a DTensor's state has its local shard's shape
+        local = list(map(_local, params)) if hasattr(params[0], "device_mesh") else params
+        try:  # C-level maps: this runs every step
+            if list(map(_SIZE, map(_EXP_AVG, states))) == list(map(_SIZE, local)) and (
+                    not group["amsgrad"] or all(map(_HAS_MAX, states))):
                 return states
         except (TypeError, KeyError):  # a parameter without state, or with state but no moments yet
             pass
-        for p, st in zip(params, states):
+        for p, q, st in zip(params, local, states):
             for k in _STATE:
                 t = (st or {}).get(k)
-                if isinstance(t, Tensor) and t.numel() != _local(p).numel():
-                    i = next(i for i, q in enumerate(group["params"]) if q is p)
-                    raise ValueError(f"the state of parameter {i} of group {index} does not fit it: {k} holds "
-                                     f"{t.numel()} elements, the parameter {_local(p).numel()} (its data was replaced "
-                                     "by a tensor of another size?)")
+                if isinstance(t, Tensor) and t.shape != q.shape:
+                    i = next(i for i, r in enumerate(group["params"]) if r is p)
+                    raise ValueError(f"the state of parameter {i} of group {index} does not fit it: {k} has shape "
+                                     f"{tuple(t.shape)}, the parameter {tuple(q.shape)} (its data was replaced by a "
+                                     "tensor of another shape?)")
         return states
 
     def _step_group(self, group: dict[str, Any], owners: list[Tensor], factor, states: list[dict | None],
@@ -356,9 +385,9 @@ class TLRAdamW(_ShardGroup, Optimizer):
         params = owners if triton else [_local(p) for p in owners]
         if group["alpha"].device != params[0].device:  # the model moved after the optimizer was built
             group["alpha"] = group["alpha"].to(params[0].device)
-        if group["window_state"].device != params[0].device:  # (a review found it left behind)
-            group["window_state"] = group["window_state"].to(params[0].device)
-            group["window_energy"] = group["window_energy"].to(params[0].device)
+        for key in ("window_state", "window_energy"):  # (a review found them left behind)
+            if group[key].device != params[0].device:
+                group[key] = group[key].to(params[0].device)
         # the Triton kernels address state as contiguous memory
         layout = torch.contiguous_format if triton else torch.preserve_format
         if None in states:  # (parameters stepped for the first time get their state now)
@@ -371,7 +400,9 @@ class TLRAdamW(_ShardGroup, Optimizer):
                     st[k] = torch.zeros_like(p, dtype=dtype, memory_format=layout)
                 if group["scope"] == "tensor":
                     st["alpha"] = group["alpha"].clone()
-            elif st["exp_avg"].device != p.device or (st["exp_avg"].dtype is not p.dtype  # (fp32: no call per step)
+            elif group["amsgrad"] and "max_exp_avg_sq" not in st:  # amsgrad turned on mid-run: max v starts at v
+                st["max_exp_avg_sq"] = st["exp_avg_sq"].clone(memory_format=layout)
+            if st["exp_avg"].device != p.device or (st["exp_avg"].dtype is not p.dtype  # (fp32: no call per step)
                                                       and st["exp_avg"].dtype != functional.state_dtype(p.dtype)):
                 # the model moved after its state was made (``model.to(...)``, ``p.data = p.data.double()``): the
                 # state follows (the kernels would read it at the wrong place or width); α stays float32
@@ -398,6 +429,10 @@ class TLRAdamW(_ShardGroup, Optimizer):
                 [st["step"] for st in states], betas=group["betas"], eps=eps, weight_decay=lam,
                 maximize=group["maximize"], bound=group["bound"], scope=group["scope"], closing=self._closes(group),
                 lr_factor=factor)
+            if self._closes(group):  # a fixed window closes: an adaptive one chosen later starts afresh (as on
+                group["window_state"][0].zero_()  # the PyTorch path and in the reference)
+                group["window_state"][1].fill_(1)
+                group["window_energy"].zero_()
             return
         sdtype = states[0]["exp_avg"].dtype
         half = any(p.dtype != st["exp_avg"].dtype for p, st in zip(params, states))

@@ -272,6 +272,8 @@ class ReferenceTLRAdamW(Optimizer):
                 st["window_sum"], st["prev_window_sum"] = torch.zeros_like(w), torch.zeros_like(w)
                 if group["scope"] == "tensor":
                     st["alpha"] = group["alpha"]
+            elif group["amsgrad"] and "max_exp_avg_sq" not in st:  # amsgrad turned on mid-run: max v starts at v
+                st["max_exp_avg_sq"] = st["exp_avg_sq"].clone()
             st["step"] += 1
             t = st["step"]
             st["exp_avg"] = beta1 * st["exp_avg"] + (1 - beta1) * g
