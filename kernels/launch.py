@@ -34,6 +34,7 @@ from . import tlr_step as K  # the package's only import: kernels/ is the leaf o
 
 _DTYPE, _GRAD = operator.attrgetter("dtype"), operator.attrgetter("grad")
 PARAM_ROW, GRAD_ROW, PREV_ROW, NUMEL_ROW = K.PARAM.value, K.GRAD.value, K.PREV.value, K.NUMEL.value  # table rows
+assert (PARAM_ROW, GRAD_ROW) == (0, 1)  # _moved writes both as the table's first rows
 TABLE_ROWS = K.TABLE_ROWS
 
 BLOCK = 1024   # elements per program of the step and move kernels (half that for fp64 weights: see block_size)
@@ -247,8 +248,8 @@ def _moved(launches, host_tabs, addresses: Tensor, n_params: int, device):
     aligned or still not, so ALIGN stands)."""
     out, hosts = [], []
     for (idx, dtype, snap, tab, blk, align, block, n, n_blocks, offset), host in zip(launches, host_tabs):
-        rows = host.clone()
-        rows[PARAM_ROW:GRAD_ROW + 1] = (addresses if n == n_params else addresses[idx]).t()
+        # (rows 0 and 1: one cat instead of a copy and a write)
+        rows = torch.cat(((addresses if n == n_params else addresses[idx]).t(), host[GRAD_ROW + 1:]))
         # held by the table memo too, as a table built afresh is: a CUDA graph captured with it
         # must not find its memory reused after the next move
         tab = tables.put(("moved", next(_MOVES)), rows.to(device, non_blocking=True))

@@ -436,7 +436,7 @@ class _StepPlan:
 
     def commit_moved(self) -> None:
         """After the step that took them: the moved addresses into ``record``."""
-        self.record[:, address_fields()] = self.moved
+        self.record[:, address_fields()].copy_(self.moved)
 
     def fits(self, state, group, present, key, state_unchanged: bool, steady: bool = False) -> bool:
         """``present``: whether each of the group's parameters has a gradient now;
