@@ -25,8 +25,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_WINDOW_RESET, _collective_device, _dtensor_group, _local, _resolve_backend,
-                        _ShardGroup, check_hyperparameters, initial_alpha, schedule_factor, window_schedule)
+from .optimizer import (DEFAULT_BLOWUP_RATIO, DEFAULT_WINDOW_RESET, _collective_device, _dtensor_group, _local,
+                        _resolve_backend, _ShardGroup, _state_follows, check_hyperparameters, initial_alpha,
+                        schedule_factor, window_schedule)
 
 __all__ = ["TLRAdamW", "check_adamw_arguments"]
 
@@ -404,12 +405,7 @@ class TLRAdamW(_ShardGroup, Optimizer):
                 st["max_exp_avg_sq"] = st["exp_avg_sq"].clone(memory_format=layout)
             if st["exp_avg"].device != p.device or (st["exp_avg"].dtype is not p.dtype  # (fp32: no call per step)
                                                       and st["exp_avg"].dtype != functional.state_dtype(p.dtype)):
-                # the model moved after its state was made (``model.to(...)``, ``p.data = p.data.double()``): the
-                # state follows (the kernels would read it at the wrong place or width); α stays float32
-                dtype = functional.state_dtype(p.dtype)
-                for k in _STATE + ("alpha",):
-                    if k in st:
-                        st[k] = st[k].to(device=p.device, dtype=torch.float32 if k == "alpha" else dtype)
+                _state_follows(p, st, _STATE + ("alpha",), torch.preserve_format)  # the model moved or changed dtype
             st["step"] += 1
         if triton:
             from .kernels.adamw_launch import adamw_triton_step

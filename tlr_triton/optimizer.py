@@ -292,16 +292,18 @@ def _ensure_window_state(p: Tensor, state: dict[str, Any], key: str, alpha: Tens
         state["window_sum"] = a.contiguous()
 
 
-def _state_follows(p: Tensor, state: dict[str, Any]) -> None:
+def _state_follows(p: Tensor, state: dict[str, Any], keys=_STATE_KEYS[:-1],
+                   memory_format=torch.contiguous_format) -> None:
     """A parameter moved to another device or dtype after its state was made (``model.to(...)``,
-    ``p.data = p.data.double()``): its state follows (a snapshot in the parameter's dtype, the
-    rest in ``state_dtype``); the kernels would otherwise read it at the wrong width or place."""
+    ``p.data = p.data.double()``): its state follows (a snapshot in the parameter's dtype, a
+    per-tensor α in float32, the rest in ``state_dtype``); the kernels would otherwise read it
+    at the wrong width or place. (TLR's keys by default; TLRAdamW passes its own.)"""
     dtype = state_dtype(p.dtype)
-    for k in _STATE_KEYS[:-1]:
+    for k in keys:
         t = state.get(k)
-        want = p.dtype if k == "window_start" else dtype
+        want = p.dtype if k == "window_start" else torch.float32 if k == "alpha" else dtype
         if isinstance(t, Tensor) and (t.dtype != want or t.device != p.device):
-            state[k] = t.to(device=p.device, dtype=want, memory_format=torch.contiguous_format)
+            state[k] = t.to(device=p.device, dtype=want, memory_format=memory_format)
 
 
 _POSITION_FORM = (0.0, 1.0)  # a snapshot saved before "window_start_form" existed: the weights themselves
